@@ -1,0 +1,277 @@
+"""The MusicGen language model over K parallel codebook streams.
+
+input steps [B, K, S] -> sum of K codebook embeddings (card + 1 rows each; the last row is the special
+token) + sinusoidal positions -> L pre-norm decoder blocks (scanned) -> LayerNorm -> K linear heads
+-> logits [B, K, S, card].
+
+Conditioning (chosen by the config):
+  * text by cross-attention (MusicGen): T5 / learned-encoder states projected by `enc_to_dec_proj`
+    (present when the encoder width differs from the model width), zeroed at padding;
+  * prefix (MusicGen-Melody): [chroma projected by `audio_enc_to_dec_proj`, text projected] placed before
+    the token steps, sharing the positions and the causal self-attention.
+
+Parameter names mirror Hugging Face's MusicgenForConditionalGeneration / MusicgenMelody decoders, with the
+K embeddings and K heads stacked (see musicgen_jax/interop for the name table).
+
+Two entry points: `__call__` (full sequence; training and the uncached reference) and `decode` (a chunk of
+steps against an explicit KV cache; used by the sampler for prefill and single steps).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from musicgen_jax import sharding as shd
+from musicgen_jax.nn.attention import dense
+from musicgen_jax.nn.transformer import BlockConfig, DecoderLayer, layer_norm, sinusoidal_positions
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Static shape and numerics of the LM (built from `config.model`)."""
+  num_codebooks: int = 4
+  card: int = 2048
+  dim: int = 1024
+  num_layers: int = 24
+  num_heads: int = 16
+  ffn_dim: int = 4096
+  text_dim: int = 768            # width of the text encoder output; 0 = no text condition
+  text_conditioning: str = "cross"  # "cross" | "prefix"
+  melody: bool = False           # chroma prefix (MusicGen-Melody)
+  num_chroma: int = 12
+  chroma_length: int = 235       # prefix frames of chroma (HF `chroma_length`)
+  max_positions: int = 2048      # positions the model was trained for (duration limit)
+  layer_norm_eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: str = "float32"         # compute dtype; params are always float32
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.dim % self.num_heads:
+      raise ValueError(f"model.dim {self.dim} is not divisible by model.num_heads {self.num_heads}")
+    if self.text_conditioning not in ("cross", "prefix"):
+      raise ValueError(f"model.text_conditioning must be 'cross' or 'prefix', got {self.text_conditioning!r}")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.remat not in _REMAT:
+      raise ValueError(f"model.remat must be one of {_REMAT}, got {self.remat!r}")
+
+  @classmethod
+  def from_dict(cls, d) -> "LMConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    d = dict(d)
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"unknown model config fields {unknown}; known: {sorted(fields)}")
+    return cls(**d)
+
+  @property
+  def special_token(self) -> int:
+    return self.card
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def cross_attention(self) -> bool:
+    return self.text_dim > 0 and self.text_conditioning == "cross"
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+
+@flax.struct.dataclass
+class Conditions:
+  """Raw conditions. text: encoder states [B, L, text_dim] + mask [B, L]; melody: chroma [B, Lm, 12]."""
+  text: jax.Array | None = None
+  text_mask: jax.Array | None = None
+  melody: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class CondTensors:
+  """Conditions projected to the model width: cross-attention source and/or prefix, with masks."""
+  cross: jax.Array | None = None        # [B, L, D]
+  cross_mask: jax.Array | None = None   # [B, L] bool
+  prefix: jax.Array | None = None       # [B, P, D]
+
+
+def _remat_policy(name: str):
+  return {"full": None,
+          "dots": jax.checkpoint_policies.checkpoint_dots,
+          "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[name]
+
+
+class MusicGenLM(nn.Module):
+  cfg: LMConfig
+  deterministic: bool = True
+
+  def setup(self):
+    c = self.cfg
+    dt = c.compute_dtype
+    self.embed_tokens = self.param(
+        "embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                     (shd.CODEBOOKS, None, shd.EMBED)),  # card+1 rows
+        (c.num_codebooks, c.card + 1, c.dim), jnp.float32)
+    if c.text_dim and c.text_dim != c.dim:
+      self.enc_to_dec_proj = dense(c.dim, (shd.COND_EMBED, shd.EMBED), dt, jnp.float32, use_bias=True)
+    if c.melody and c.num_chroma != c.dim:
+      self.audio_enc_to_dec_proj = dense(c.dim, (shd.COND_EMBED, shd.EMBED), dt, jnp.float32,
+                                         use_bias=True)
+    block = BlockConfig(c.dim, c.num_heads, c.ffn_dim, c.cross_attention, c.layer_norm_eps, c.dropout,
+                        dt, jnp.float32)
+    layer_cls = DecoderLayer
+    if c.remat != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(c.remat), prevent_cse=False)
+    scan_kw = dict(variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   length=c.num_layers, metadata_params={nn.PARTITION_NAME: shd.LAYERS})
+    self.layers = nn.scan(layer_cls, methods={"__call__": dict(scan_kw, in_axes=(0, nn.broadcast)),
+                                              "cross_kv": dict(scan_kw, in_axes=(nn.broadcast,))})(
+        block, self.deterministic)
+    self.layer_norm = layer_norm(c.layer_norm_eps)
+    self.lm_heads = self.param(
+        "lm_heads", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                 (shd.CODEBOOKS, shd.EMBED, shd.VOCAB)),
+        (c.num_codebooks, c.dim, c.card), jnp.float32)
+
+  # --- conditions -------------------------------------------------------------------------------
+  def project_conditions(self, conds: Conditions) -> CondTensors:
+    """Projects raw conditions to the model width; text zeroed at padding (as the reference does)."""
+    c = self.cfg
+    text = None
+    mask = None
+    if c.text_dim and conds.text is not None:
+      text = conds.text.astype(jnp.float32)
+      if c.text_dim != c.dim:
+        text = self.enc_to_dec_proj(text).astype(jnp.float32)
+      mask = (jnp.ones(text.shape[:2], bool) if conds.text_mask is None
+              else conds.text_mask.astype(bool))
+      text = text * mask[..., None]
+    if c.text_conditioning == "cross":
+      prefix = self._melody_prefix(conds)
+      return CondTensors(cross=text, cross_mask=mask, prefix=prefix)
+    parts = [p for p in (self._melody_prefix(conds), text) if p is not None]
+    return CondTensors(prefix=jnp.concatenate(parts, axis=1) if parts else None)
+
+  def _melody_prefix(self, conds: Conditions):
+    c = self.cfg
+    if not c.melody:
+      return None
+    if conds.melody is None:
+      raise ValueError("this model is melody-conditioned: pass a chroma [B, frames, 12] (or the null one)")
+    chroma = conds.melody.astype(jnp.float32)
+    if c.num_chroma != c.dim:
+      chroma = self.audio_enc_to_dec_proj(chroma).astype(jnp.float32)
+    return chroma
+
+  def cross_kv(self, cond: CondTensors):
+    """Cross-attention keys and values of every layer, computed once: (k, v) [L, B, Lc, H, Dh]."""
+    if cond.cross is None:
+      return None
+    _, kv = self.layers.cross_kv(cond.cross, None)
+    return kv
+
+  # --- token embedding and heads ----------------------------------------------------------------
+  def embed(self, tokens_bkn: jax.Array, pos_n: jax.Array) -> jax.Array:
+    """Sum of the K codebook embeddings plus positions -> [B, N, D] float32."""
+    x = sum(self.embed_tokens[k][tokens_bkn[:, k]] for k in range(self.cfg.num_codebooks))
+    return x + sinusoidal_positions(pos_n, self.cfg.dim)[None]
+
+  def heads(self, x_bnd: jax.Array) -> jax.Array:
+    """Final LayerNorm and the K heads -> logits [B, K, N, card] float32."""
+    h = self.layer_norm(x_bnd).astype(self.cfg.compute_dtype)
+    w = self.lm_heads.astype(self.cfg.compute_dtype)
+    logits = jnp.einsum("bnd,kdc->bknc", h, w, preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, (shd.BATCH, shd.CODEBOOKS, shd.LENGTH, shd.VOCAB))
+
+  # --- full sequence ----------------------------------------------------------------------------
+  def __call__(self, tokens_bks: jax.Array, conds: Conditions) -> jax.Array:
+    """Full forward: steps [B, K, S] -> logits [B, K, S, card] (logit at step s predicts step s+1)."""
+    cond = self.project_conditions(conds)
+    x, p = self._with_prefix(tokens_bks, cond, offset=0)
+    n = x.shape[1]
+    ctx = {"self_mask": jnp.tril(jnp.ones((n, n), bool))[None]}
+    if cond.cross is not None:
+      ctx["cond"] = cond.cross
+      ctx["cond_mask"] = cond.cross_mask[:, None, :]
+    x, _ = self.layers(x.astype(self.cfg.compute_dtype), {}, ctx)
+    return self.heads(x[:, p:])
+
+  def _with_prefix(self, tokens_bkn, cond: CondTensors, offset):
+    """Embeds tokens at positions offset.. and prepends the prefix (if any) at positions 0..P-1."""
+    p = 0 if cond.prefix is None else cond.prefix.shape[1]
+    n = tokens_bkn.shape[-1]
+    x = self.embed(tokens_bkn, p + offset + jnp.arange(n))
+    if p:
+      pre = cond.prefix + sinusoidal_positions(jnp.arange(p), self.cfg.dim)[None]
+      x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
+    return x, p
+
+  # --- cached decoding --------------------------------------------------------------------------
+  def decode(self, tokens_bkn: jax.Array, cache: dict, pos: jax.Array, cross_kv, cross_mask,
+             prefix: jax.Array | None = None):
+    """A chunk of N steps against the cache.
+
+    tokens [B, K, N] at absolute positions pos..pos+N-1 (prefix positions count); `prefix` [B, P, D] is
+    placed before them (prefill only, with pos = 0). cache: {'k', 'v'} [L, B, H, S_max, Dh]; a Python
+    `pos` of 0 means the cache is empty and is not read.
+    Returns (logits [B, K, N, card] for the token steps, new entries (k, v) [L, B, P+N, H, Dh]).
+    """
+    p = 0 if prefix is None else prefix.shape[1]
+    x = self.embed(tokens_bkn, pos + p + jnp.arange(tokens_bkn.shape[-1]))
+    if p:
+      pre = prefix + sinusoidal_positions(jnp.arange(p), self.cfg.dim)[None]
+      x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
+    if isinstance(pos, int) and pos == 0:
+      # Prefill into an empty cache: plain causal attention over the chunk (nothing to read back).
+      n = x.shape[1]
+      xs, ctx = {}, {"self_mask": jnp.tril(jnp.ones((n, n), bool))[None]}
+    else:
+      xs, ctx = {"cache": (cache["k"], cache["v"])}, {"pos": pos}
+    if cross_kv is not None:
+      xs["cross"] = cross_kv
+      ctx["cond_mask"] = cross_mask[:, None, :]
+    x, new_kv = self.layers(x.astype(self.cfg.compute_dtype), xs, ctx)
+    return self.heads(x[:, p:]), new_kv
+
+
+def init_cache(cfg: LMConfig, batch: int, length: int) -> dict:
+  """An empty KV cache {'k', 'v'}: [L, B, H, length, Dh] (head-major) in the compute dtype."""
+  shape = (cfg.num_layers, batch, cfg.num_heads, length, cfg.head_dim)
+  return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+
+def write_cache(cache: dict, new_kv, pos) -> dict:
+  """Writes new entries (k, v) [L, B, N, H, Dh] at positions pos..pos+N-1 of the head-major cache."""
+  k, v = (jnp.swapaxes(x, 2, 3) for x in new_kv)
+  at = (0, 0, 0, pos, 0)
+  return {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+          "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)}
+
+
+def init_params(cfg: LMConfig, rng: jax.Array, batch: int = 1, steps: int = 2, text_len: int = 2,
+                chroma_len: int = 2) -> Any:
+  """Random parameters (boxed with logical axis names) from a dummy forward pass."""
+  model = MusicGenLM(cfg)
+  tokens = jnp.full((batch, cfg.num_codebooks, steps), cfg.special_token, jnp.int32)
+  return model.init(rng, tokens, dummy_conditions(cfg, batch, text_len, chroma_len))
+
+
+def dummy_conditions(cfg: LMConfig, batch: int, text_len: int = 2, chroma_len: int = 2) -> Conditions:
+  text = mask = melody = None
+  if cfg.text_dim:
+    text = jnp.zeros((batch, text_len, cfg.text_dim), jnp.float32)
+    mask = jnp.ones((batch, text_len), jnp.int32)
+  if cfg.melody:
+    melody = jnp.zeros((batch, chroma_len, cfg.num_chroma), jnp.float32)
+  return Conditions(text=text, text_mask=mask, melody=melody)

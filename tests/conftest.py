@@ -1,0 +1,90 @@
+"""Shared fixtures: two tiny MusicGen LMs (text cross-attention, melody prefix) with random weights.
+
+Parameters come from `jax.eval_shape(init_params)` filled with seeded numpy noise (no init compile, and
+non-trivial biases / LayerNorm affines, unlike the default init). Session scope, so test files run
+together share them and the jitted full forward of each model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from musicgen_jax import lm as lm_lib
+
+BATCH = 2
+TEXT_LEN = 4
+CHROMA_LEN = 5
+# Row 0 has two padded text positions, row 1 none.
+TEXT_MASK = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], np.int32)
+
+TEXT_CFG = lm_lib.LMConfig(num_codebooks=4, card=16, dim=32, num_layers=2, num_heads=4, ffn_dim=64,
+                           text_dim=24)
+MELODY_CFG = dataclasses.replace(TEXT_CFG, text_conditioning="prefix", melody=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyLM:
+  cfg: lm_lib.LMConfig
+  params: Any                  # unboxed {'params': ...}, float32
+  conds: lm_lib.Conditions     # batch BATCH, padded text mask
+  forward: Callable            # jitted MusicGenLM(cfg).apply(params, tokens [B, K, S], conds)
+
+  @property
+  def model(self) -> lm_lib.MusicGenLM:
+    return lm_lib.MusicGenLM(self.cfg)
+
+
+def abstract_params(cfg: lm_lib.LMConfig) -> Any:
+  """The boxed (logically partitioned) parameter tree of `cfg` as ShapeDtypeStructs."""
+  return jax.eval_shape(functools.partial(lm_lib.init_params, cfg), jax.random.key(0))
+
+
+def random_params(cfg: lm_lib.LMConfig, seed: int, std: float = 0.25) -> Any:
+  """Random float32 parameters with the structure of init_params(cfg): N(0, std) everywhere, LayerNorm
+  scales 1 + N(0, 0.1) and LayerNorm biases N(0, 0.1)."""
+  shapes = nn.unbox(abstract_params(cfg))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  rng = np.random.default_rng(seed)
+  out = []
+  for path, leaf in leaves:
+    names = [str(getattr(p, "key", p)) for p in path]
+    noise = rng.normal(size=leaf.shape).astype(np.float32)
+    if any("layer_norm" in n for n in names):
+      noise = (1.0 if names[-1] == "scale" else 0.0) + 0.1 * noise
+    else:
+      noise = std * noise
+    assert leaf.dtype == jnp.float32, (names, leaf.dtype)
+    out.append(jnp.asarray(noise, jnp.float32))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def random_conditions(cfg: lm_lib.LMConfig, seed: int, batch: int = BATCH) -> lm_lib.Conditions:
+  rng = np.random.default_rng(seed)
+  text = jnp.asarray(rng.normal(size=(batch, TEXT_LEN, cfg.text_dim)), jnp.float32)
+  mask = jnp.asarray(np.resize(TEXT_MASK, (batch, TEXT_LEN)))
+  melody = None
+  if cfg.melody:
+    melody = jnp.asarray(rng.normal(size=(batch, CHROMA_LEN, cfg.num_chroma)), jnp.float32)
+  return lm_lib.Conditions(text=text, text_mask=mask, melody=melody)
+
+
+def _tiny(cfg: lm_lib.LMConfig, seed: int) -> TinyLM:
+  return TinyLM(cfg, random_params(cfg, seed), random_conditions(cfg, seed + 100),
+                jax.jit(lm_lib.MusicGenLM(cfg).apply))
+
+
+@pytest.fixture(scope="session")
+def text_lm() -> TinyLM:
+  return _tiny(TEXT_CFG, 0)
+
+
+@pytest.fixture(scope="session")
+def melody_lm() -> TinyLM:
+  return _tiny(MELODY_CFG, 1)
