@@ -141,8 +141,8 @@ class MusicGenLM(nn.Module):
     self.layer_norm = layer_norm(c.layer_norm_eps)
     self.lm_heads = self.param(
         "lm_heads", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                 (shd.CODEBOOKS, shd.EMBED, shd.VOCAB)),
-        (c.num_codebooks, c.dim, c.card), jnp.float32)
+                                                 (shd.CODEBOOKS, shd.VOCAB, shd.EMBED)),
+        (c.num_codebooks, c.card, c.dim), jnp.float32)
 
   # --- conditions -------------------------------------------------------------------------------
   def project_conditions(self, conds: Conditions) -> CondTensors:
@@ -191,7 +191,9 @@ class MusicGenLM(nn.Module):
     """Final LayerNorm and the K heads -> logits [B, K, N, card] float32."""
     h = self.layer_norm(x_bnd).astype(self.cfg.compute_dtype)
     w = self.lm_heads.astype(self.cfg.compute_dtype)
-    logits = jnp.einsum("bnd,kdc->bknc", h, w, preferred_element_type=jnp.float32)
+    # Heads stored [K, card, D] (PyTorch's Linear layout): the contraction reads rows contiguously, with
+    # no per-step transpose of the 8M-entry weight.
+    logits = jnp.einsum("bnd,kcd->bknc", h, w, preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, (shd.BATCH, shd.CODEBOOKS, shd.LENGTH, shd.VOCAB))
 
   # --- full sequence ----------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def _flat(tree) -> dict[str, object]:
 
 def _expected_table(k, card, d, layers, ffn, text_dim=None, chroma=None, cross=True) -> dict:
   """Parameter name -> shape, as the Hugging Face decoder names them (K embeddings / heads stacked)."""
-  table = {"embed_tokens": (k, card + 1, d), "lm_heads": (k, d, card),
+  table = {"embed_tokens": (k, card + 1, d), "lm_heads": (k, card, d),
            "layer_norm/scale": (d,), "layer_norm/bias": (d,)}
   blocks = ["self_attn"] + (["encoder_attn"] if cross else [])
   for attn in blocks:
@@ -217,7 +217,7 @@ def test_parameter_table_and_logical_axes(variant):
     assert list(spec).count(shd.LAYERS) <= 1, (name, spec)
   # card + 1 rows divide no mesh axis: the embedding's vocab axis is deliberately unsharded.
   assert specs["params/embed_tokens"] == PartitionSpec(shd.CODEBOOKS, None, shd.EMBED)
-  assert specs["params/lm_heads"] == PartitionSpec(shd.CODEBOOKS, shd.EMBED, shd.VOCAB)
+  assert specs["params/lm_heads"] == PartitionSpec(shd.CODEBOOKS, shd.VOCAB, shd.EMBED)
   assert specs["params/layers/fc1/kernel"] == PartitionSpec(shd.LAYERS, shd.EMBED, shd.MLP)
   assert specs["params/layers/self_attn/q_proj/kernel"] == PartitionSpec(shd.LAYERS, shd.EMBED, shd.HEADS)
   assert specs["params/layers/self_attn/out_proj/kernel"] == PartitionSpec(shd.LAYERS, shd.HEADS,
