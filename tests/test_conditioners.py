@@ -103,9 +103,10 @@ def text_setup():
 
 
 def _sinusoid_np(length, dim):
+  """[cos, sin] positions with max period 10000 (MusicGen's convention), written independently."""
   pos = np.arange(length)[:, None]
-  freq = 10000.0 ** (-np.arange(dim // 2) / (dim // 2))
-  return np.concatenate([np.sin(pos * freq), np.cos(pos * freq)], axis=1)
+  freq = 10000.0 ** (-np.arange(dim // 2) / (dim // 2 - 1))
+  return np.concatenate([np.cos(pos * freq), np.sin(pos * freq)], axis=1)
 
 
 def test_text_encoder_matches_torch_prenorm_transformer(text_setup):

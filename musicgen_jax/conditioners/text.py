@@ -21,6 +21,7 @@ from flax import linen as nn
 
 from musicgen_jax import sharding as shd
 from musicgen_jax.conditioners.tokenizer import TextTokenizer
+from musicgen_jax.nn.transformer import sinusoidal_positions
 
 _EMBED_ROWS_MULTIPLE = 128  # embedding rows are padded so the vocab axis shards evenly
 _LN_EPS = 1e-5
@@ -28,15 +29,6 @@ _LN_EPS = 1e-5
 
 def _partitioned(init, axes):
   return nn.with_logical_partitioning(init, axes)
-
-
-def sinusoidal_positions(length: int, dim: int) -> jax.Array:
-  """Fixed positions float32 [length, dim]: [sin(p * w_i), cos(p * w_i)] for i < dim/2 with
-  w_i = 10000^(-i / (dim/2))."""
-  half = dim // 2
-  freqs_h = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  angles_lh = jnp.arange(length, dtype=jnp.float32)[:, None] * freqs_h[None, :]
-  return jnp.concatenate([jnp.sin(angles_lh), jnp.cos(angles_lh)], axis=-1)
 
 
 def _layer_norm(name: str) -> nn.LayerNorm:
@@ -134,7 +126,7 @@ class LearnedTextEncoder(nn.Module):
         rows, self.dim, dtype=jnp.float32, param_dtype=self.param_dtype, name="token_embedding",
         embedding_init=_partitioned(nn.initializers.normal(1.0), (shd.VOCAB, shd.COND_EMBED)))
     length = input_ids_bl.shape[1]
-    x_bld = embed(input_ids_bl) + sinusoidal_positions(length, self.dim)[None]
+    x_bld = embed(input_ids_bl) + sinusoidal_positions(jnp.arange(length), self.dim)[None]
     x_bld = nn.with_logical_constraint(x_bld, (shd.BATCH, shd.LENGTH, shd.COND_EMBED))
     mlp_dim = self.mlp_dim or 4 * self.dim
     for i in range(self.num_layers):
