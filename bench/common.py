@@ -1,0 +1,117 @@
+"""Shared helpers for the benchmarks: a one-line machine description, wall-clock timing, result tables.
+
+Benches are scripts (`python bench/<name>.py ...`); they import this module as `bench.common` when run
+from the repository root, or as `common` when run from inside bench/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+
+def cpu_model() -> str:
+  """The CPU model name from /proc/cpuinfo (Linux), else platform.processor(), else 'unknown'."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.lower().startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def _version(module_name: str) -> str | None:
+  try:
+    module = __import__(module_name)
+  except ImportError:
+    return None
+  return getattr(module, "__version__", "?")
+
+
+def machine_info(with_torch: bool = True) -> dict[str, Any]:
+  """What the numbers were measured on: CPU, cores, accelerator, JAX backend and library versions.
+
+  torch is imported only when `with_torch` (benches that compare against a PyTorch peer).
+  """
+  import jax
+  dev = jax.devices()[0]
+  info: dict[str, Any] = {
+      "cpu": cpu_model(),
+      "cores": os.cpu_count(),
+      "jax_backend": jax.default_backend(),
+      "jax_device": getattr(dev, "device_kind", str(dev)),
+      "jax_device_count": jax.device_count(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": _version("jaxlib"),
+      "flax": _version("flax"),
+  }
+  if with_torch:
+    info["torch"] = _version("torch")
+    info["transformers"] = _version("transformers")
+    try:
+      import torch
+      info["torch_device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+      info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+      pass
+  return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+  """One printable line summarising `machine_info()`."""
+  parts = [f"cpu: {info['cpu']} x{info['cores']}",
+           f"jax {info['jax']} backend={info['jax_backend']} "
+           f"({info['jax_device']} x{info['jax_device_count']})",
+           f"flax {info['flax']}"]
+  if info.get("torch"):
+    parts.append(f"torch {info['torch']} ({info.get('torch_device', '?')}, "
+                 f"{info.get('torch_threads', '?')} threads)")
+  if info.get("transformers"):
+    parts.append(f"transformers {info['transformers']}")
+  return "machine | " + " | ".join(parts)
+
+
+def time_interleaved(fns: Sequence[Callable[[int], Any]], repeats: int) -> list[list[float]]:
+  """Wall-clock seconds of each fn(i), run in turn (f0(0), f1(0), f0(1), f1(1), ...) so that every
+  implementation sees the same machine load; returns one list of `repeats` timings per fn."""
+  out: list[list[float]] = [[] for _ in fns]
+  for i in range(repeats):
+    for fn, times in zip(fns, out):
+      t0 = time.perf_counter()
+      fn(i + 1)
+      times.append(time.perf_counter() - t0)
+  return out
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, float]:
+  """Median / min / max of a list of timings."""
+  return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds)}
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  """A fixed-width text table of `rows` restricted to `columns` (floats with 4 significant digits)."""
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+  lines.append("  ".join("-" * w for w in widths))
+  lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+  return "\n".join(lines)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+  """Writes `payload` as indented JSON to `path` (parent folders created)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
