@@ -33,6 +33,7 @@ flags.DEFINE_string("save-tokens", None, "Write the generated codes [B, K, T] to
 flags.DEFINE_string("melody", None, "Audio file whose chromagram conditions a melody model.")
 flags.DEFINE_string("prompt-audio", None, "Audio file to continue; the output starts with it.")
 flags.DEFINE_float("stride", None, "Long-form: seconds to advance per window (default: half).")
+flags.DEFINE_bool("plot", False, "Also write a spectrogram PNG beside each WAV.")
 flags.DEFINE_bool("progress", True, "Show a progress indication on stderr.")
 FLAGS = flags.FLAGS
 

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-from musicgen_jax import audio as audio_lib, checkpoint, sampling
+from musicgen_jax import audio as audio_lib, checkpoint, plotting, sampling
 from musicgen_jax.pipeline import MusicGen
 
 
@@ -41,6 +41,7 @@ class SampleRequest:
   melody: str | None
   prompt_audio: str | None
   stride: float | None
+  plot: bool
   progress: bool
 
   @classmethod
@@ -67,7 +68,7 @@ class SampleRequest:
     if f["stride"] is not None and not f["stride"] > 0:
       raise ValueError(f"--stride must be > 0 seconds, got {f['stride']}")
     req = cls(prompts, f["duration"], settings, f["seed"], f["out"], f["save-tokens"], f["melody"],
-              f["prompt-audio"], f["stride"], f["progress"])
+              f["prompt-audio"], f["stride"], f["plot"], f["progress"])
     req.sampling_settings({})  # validate the values early, before any model is loaded
     return req
 
@@ -127,6 +128,9 @@ def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray) -> lis
         continue
       audio_lib.write_wav(stem + ".wav", audio[i], model.sample_rate)
       lines.append(f"{audio.shape[-1] / model.sample_rate:.2f}s -> {stem}.wav")
+      if req.plot:
+        plotting.spectrogram_png(stem + ".png", audio[i], model.sample_rate)
+        lines.append(f"spectrogram -> {stem}.png")
   if not lines:
     lines.append(f"generated {codes.shape}; pass --out DIR or --save-tokens FILE.npy to keep it")
   return lines
