@@ -22,6 +22,11 @@ from musicgen_jax.conditioners.tokenizer import TextTokenizer
 PATTERN_OPTIONS = ("delays", "flattening", "group_by")
 
 
+def _ceil_frames(duration: float, frame_rate: float) -> int:
+  """ceil(duration * frame_rate), ignoring float error (0.07 s at 100 Hz is 7 frames, not 8)."""
+  return int(math.ceil(round(duration * frame_rate, 6)))
+
+
 def pattern_from_config(config: ml_collections.ConfigDict):
   """The codebook pattern named by `config.pattern` with the options that are set."""
   opts = {k: config.pattern.get(k) for k in PATTERN_OPTIONS if config.pattern.get(k) is not None}
@@ -122,7 +127,7 @@ class MusicGen:
     """Frames for `duration` seconds; ValueError if <= 0 or beyond the model's positions."""
     if not duration > 0:
       raise ValueError(f"duration must be > 0 seconds, got {duration}")
-    frames = int(math.ceil(duration * self.frame_rate))
+    frames = _ceil_frames(duration, self.frame_rate)
     limit = self.max_duration()
     if frames / self.frame_rate > limit + 1e-9:
       raise ValueError(f"duration {duration}s is longer than this model's positions allow "
@@ -178,7 +183,7 @@ class MusicGen:
     if not duration > 0:
       raise ValueError(f"duration must be > 0 seconds, got {duration}")
     window = self.max_duration()
-    total = int(math.ceil(duration * self.frame_rate))
+    total = _ceil_frames(duration, self.frame_rate)
     melody = lambda t0: None if chroma is None else self.melody_window(chroma, t0)
     if duration <= window:
       return self.generate(texts, duration, settings, seed, prompt, melody(0.0), progress)

@@ -75,7 +75,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.train.log_every == 0 or step == config.train.num_steps:
       m = jax.device_get(metrics)
       print(f"step {step}: loss {float(m['loss']):.4f} grad_norm {float(m['grad_norm']):.3f} "
-            f"ppl/codebook {np.round(m['perplexity'], 2).tolist()} ({time.time() - t0:.1f}s)",
+            f"ppl/codebook {[round(float(x), 2) for x in m['perplexity']]} ({time.time() - t0:.1f}s)",
             flush=True)
     if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
       manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
