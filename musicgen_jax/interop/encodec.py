@@ -19,15 +19,11 @@ import numpy as np
 
 from musicgen_jax.codec import seanet
 from musicgen_jax.codec.encodec import EncodecConfig
+from musicgen_jax.interop.common import take_weight
 
 
 def _get(sd: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
-  if key not in sd:
-    raise ValueError(f'missing key {key!r} in the EnCodec state dict (check the prefix and config)')
-  value = np.asarray(sd[key])
-  if value.shape != shape:
-    raise ValueError(f'{key}: expected shape {shape} from the config, got {value.shape}')
-  return value
+  return take_weight(sd, key, shape, "EnCodec")
 
 
 def _torch_weight(sd: Mapping[str, np.ndarray], base: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 import ml_collections
 import numpy as np
 
+from musicgen_jax.interop.common import set_path, take_weight
 from musicgen_jax.lm import LMConfig
 
 MODEL_TYPES = ("musicgen", "musicgen_melody")
@@ -192,17 +193,8 @@ def lm_params_from_hf(state_dict: Mapping[str, np.ndarray], lm_cfg: LMConfig, pr
   for path, keys, shape, convert in _name_table(lm_cfg, prefix, root):
     arrays = []
     for key in keys:
-      if key not in state_dict:
-        raise ValueError(f"the checkpoint has no weight {key!r} (expected shape {shape}); the weights do not "
-                         "match config.json")
-      w = np.asarray(state_dict[key])
-      if tuple(w.shape) != shape:
-        raise ValueError(f"weight {key!r}: expected shape {shape} from config.json, got {tuple(w.shape)}")
-      arrays.append(convert(w.astype(np.float32)))
+      arrays.append(convert(take_weight(state_dict, key, shape, "MusicGen", "config.json")))
     value = arrays[0] if len(keys) == 1 and path[0] not in ("embed_tokens", "lm_heads", "layers") \
         else np.stack(arrays)
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = np.ascontiguousarray(value)
+    set_path(params, path, np.ascontiguousarray(value))
   return params

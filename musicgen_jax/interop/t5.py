@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from musicgen_jax.conditioners.t5 import T5EncoderConfig
+from musicgen_jax.interop.common import set_path, take_weight
 
 # (path in our tree, HF key without prefix, expected HF shape, HF array -> our array)
 _Entry = tuple[tuple[str, ...], str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
@@ -60,14 +61,6 @@ def t5_params_from_hf(state_dict: Mapping[str, np.ndarray], config: T5EncoderCon
     if full_key not in state_dict and key == "shared.weight":
       tied_key = prefix + "encoder.embed_tokens.weight"
       full_key = tied_key if tied_key in state_dict else full_key
-    if full_key not in state_dict:
-      raise ValueError(f"T5 checkpoint has no key {full_key!r}; check the prefix ({prefix!r}) and that the "
-                       "config matches the checkpoint")
-    w = np.asarray(state_dict[full_key])
-    if tuple(w.shape) != shape:
-      raise ValueError(f"T5 checkpoint key {full_key!r} has shape {tuple(w.shape)}, the config expects {shape}")
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = np.ascontiguousarray(convert(w).astype(np.float32))
+    w = take_weight(state_dict, full_key, shape, "T5")
+    set_path(params, path, np.ascontiguousarray(convert(w)))
   return params
