@@ -63,8 +63,19 @@ def _hf_model(melody: bool):
     for name, p in model.named_parameters():
       if "layer_norm" in name or name.endswith("proj.bias"):
         p.add_(0.1 * torch.randn_like(p))
+  fill_codebooks(model)
   model.generation_config.decoder_start_token_id = CARD
   return model.eval()
+
+
+def fill_codebooks(model) -> None:
+  """EnCodec's codebooks start as zeros in transformers (k-means fills them in training), so every code
+  would decode alike and every frame encode to code 0: fill them with noise at about the scale of the
+  tiny encoder's output, so that codes vary and the audio comparisons can tell codes apart."""
+  gen = torch.Generator().manual_seed(5)
+  with torch.no_grad():
+    for layer in model.audio_encoder.quantizer.layers:
+      layer.codebook.embed.copy_(0.05 * torch.randn(layer.codebook.embed.shape, generator=gen))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["musicgen", "melody"])
