@@ -1,4 +1,6 @@
-"""Decode speed of our compiled sampler vs Hugging Face `MusicgenForConditionalGeneration` (random weights).
+"""Decode speed of our compiled sampler vs Hugging Face `MusicgenForConditionalGeneration`.
+
+Random weights by default; --hf-dir / --checkpoint run on imported weights (see below).
 
 Both sides generate exactly --steps pattern steps (delay pattern, one decoder forward per step) at the same
 shape and sampling settings (classifier-free guidance in one doubled batch, top-k, temperature 1), in the
@@ -20,11 +22,25 @@ Defaults are the paper's small model (24 layers, D 1024, 16 heads, FFN 4096, 4 x
 top-k 250, batch 1, 1500 steps (30 s at 50 Hz). Reduced CPU run:
 
   python bench/sample_speed.py --layers 4 --dim 256 --heads 4 --steps 100
+
+Imported weights
+  --hf-dir DIR      a local Hugging Face MusicGen `save_pretrained` directory (config.json + safetensors).
+                    Our side converts its LM in-process with musicgen_jax.interop.musicgen (the functions
+                    `python -m musicgen_jax.convert` uses; no tokenizer needed); the HF side loads the same
+                    directory with `MusicgenForConditionalGeneration.from_pretrained(DIR, local_files_only)`.
+  --checkpoint DIR  a model directory we already converted (`python -m musicgen_jax.convert`): our LM
+                    weights and config come from it; with --hf-dir as well the HF side loads that, otherwise
+                    the HF side has random weights at the checkpoint's shape.
+The model shape (layers, dim, heads, ffn, codebooks, card, text_dim) is then taken from the checkpoint and
+the shape flags are ignored; --top-k defaults to min(250, card). When both sides hold the same weights, one
+extra greedy (top-k 1) pass of --agree-steps steps runs on both and a line says whether the tokens agree
+(a sanity check, not timed). Text-conditioned mono MusicGen only (not Melody, not stereo).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -45,6 +61,7 @@ from musicgen_jax import lm as lm_lib  # noqa: E402
 from musicgen_jax import patterns, sampling  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
+SHAPE_FLAGS = ("layers", "dim", "heads", "ffn", "codebooks", "card", "text_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +105,76 @@ class BenchShape:
     return self.cfg > 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Imported:
+  """LM weights and config read from a checkpoint (--hf-dir and/or --checkpoint)."""
+  model: dict[str, Any]          # our `config.model` fields (LMConfig.from_dict input)
+  params: dict[str, Any]         # the LM parameter tree (numpy), without the {'params': ...} wrapper
+  source: str                    # where our weights came from, for the output
+  hf_dir: str | None             # the HF directory the HF side loads (None: HF side is random)
+
+  def shape(self, a: argparse.Namespace) -> BenchShape:
+    """The bench shape: model dimensions from the checkpoint, run settings from the flags."""
+    m = self.model
+    top_k = a.top_k if a.top_k is not None else min(250, int(m["card"]))
+    return BenchShape(layers=m["num_layers"], dim=m["dim"], heads=m["num_heads"], ffn=m["ffn_dim"],
+                      codebooks=m["num_codebooks"], card=m["card"], text_dim=m["text_dim"],
+                      text_len=a.text_len, batch=a.batch, steps=a.steps, cfg=a.cfg, top_k=top_k)
+
+
+def _check_supported(model: dict[str, Any], pattern: Any, where: str) -> None:
+  """The bench drives the text cross-attention MusicGen with the plain K-codebook delay pattern."""
+  if model.get("melody") or model.get("text_conditioning", "cross") != "cross" or not model.get("text_dim"):
+    raise ValueError(f"{where} is a MusicGen-Melody (or not text cross-attention) model: this bench times "
+                     "only text-conditioned MusicGen")
+  delays = pattern.get("delays") if pattern is not None else None
+  if pattern is not None and (pattern.get("name") != "delay" or
+                              (delays is not None and tuple(delays) != tuple(range(model["num_codebooks"])))):
+    raise ValueError(f"{where} uses pattern {pattern.get('name')!r} with delays {delays} (stereo?): this "
+                     "bench times only the mono delay pattern")
+
+
+def load_imported(hf_dir: str | None, checkpoint_dir: str | None) -> Imported:
+  """Reads our LM config and weights from `checkpoint_dir` (ours) or else converts them from `hf_dir`."""
+  from musicgen_jax import convert
+  from musicgen_jax.interop import musicgen as hf_musicgen
+  for flag, d in (("--hf-dir", hf_dir), ("--checkpoint", checkpoint_dir)):
+    if d is not None and not os.path.isdir(d):
+      raise ValueError(f"{flag} {d} is not a directory: pass a local directory (nothing is downloaded)")
+  hf_model = None
+  if hf_dir is not None:
+    cfg_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+      raise ValueError(f"{cfg_path} is missing: --hf-dir must be a save_pretrained directory")
+    with open(cfg_path, encoding="utf-8") as f:
+      hf_config = hf_musicgen.config_from_hf(json.load(f))
+    hf_model = hf_config.model.to_dict()
+    _check_supported(hf_model, hf_config.pattern, hf_dir)
+  if checkpoint_dir is not None:
+    from musicgen_jax import checkpoint
+    config, params = checkpoint.load_model(checkpoint_dir)
+    model = config.model.to_dict()
+    _check_supported(model, config.get("pattern"), checkpoint_dir)
+    if hf_model is not None:
+      keys = ("num_layers", "dim", "num_heads", "ffn_dim", "num_codebooks", "card", "text_dim")
+      diff = [f"{k} {model[k]} vs {hf_model[k]}" for k in keys if model[k] != hf_model[k]]
+      if diff:
+        raise ValueError(f"--checkpoint and --hf-dir hold different models ({', '.join(diff)}): pass the HF "
+                         "directory the checkpoint was converted from")
+    return Imported(model, params["lm"], f"our checkpoint {checkpoint_dir}", hf_dir)
+  lm_cfg = lm_lib.LMConfig.from_dict(hf_model)
+  params = hf_musicgen.lm_params_from_hf(convert.load_state_dict(hf_dir), lm_cfg)
+  return Imported(hf_model, params, f"converted in-process from {hf_dir}", hf_dir)
+
+
+def _lm_config(shape: BenchShape, dtype: str, imported: Imported | None) -> lm_lib.LMConfig:
+  if imported is not None:
+    return lm_lib.LMConfig.from_dict(dict(imported.model, dtype=dtype, dropout=0.0))
+  return lm_lib.LMConfig(num_codebooks=shape.codebooks, card=shape.card, dim=shape.dim,
+                         num_layers=shape.layers, num_heads=shape.heads, ffn_dim=shape.ffn,
+                         text_dim=shape.text_dim, max_positions=max(2048, shape.steps + 1), dtype=dtype)
+
+
 def _text_states(shape: BenchShape) -> np.ndarray:
   """Random encoder states [B, L, text_dim] float32 standing in for T5 output."""
   return np.random.default_rng(0).standard_normal(
@@ -95,20 +182,27 @@ def _text_states(shape: BenchShape) -> np.ndarray:
 
 
 # --- ours ---------------------------------------------------------------------------------------------
-def prepare_ours(shape: BenchShape, dtype: str) -> tuple[dict[str, Any], Callable[[int], Any]]:
-  """Builds random params, compiles our sampler ahead of time and runs it once (warm-up).
+def _conditions(shape: BenchShape) -> lm_lib.Conditions:
+  text = jnp.asarray(_text_states(shape))
+  return lm_lib.Conditions(text=text, text_mask=jnp.ones(text.shape[:2], jnp.int32))
+
+
+def prepare_ours(shape: BenchShape, dtype: str,
+                 imported: Imported | None = None) -> tuple[dict[str, Any], Callable[[int], Any]]:
+  """Builds random params (or takes the imported ones), compiles our sampler ahead of time and runs it
+  once (warm-up).
 
   Returns (facts: compile time, output shape, ...; run(seed) -> steps [B, K, S], blocking).
   """
-  cfg = lm_lib.LMConfig(num_codebooks=shape.codebooks, card=shape.card, dim=shape.dim,
-                        num_layers=shape.layers, num_heads=shape.heads, ffn_dim=shape.ffn,
-                        text_dim=shape.text_dim, max_positions=max(2048, shape.steps + 1), dtype=dtype)
+  cfg = _lm_config(shape, dtype, imported)
   pattern = patterns.get_pattern("delay", shape.codebooks)
   if pattern.num_steps(shape.frames) - 1 != shape.steps:
     raise AssertionError("delay pattern step count does not match --steps")
-  params = jax.jit(lambda r: nn.meta.unbox(lm_lib.init_params(cfg, r)))(jax.random.key(0))
-  text = jnp.asarray(_text_states(shape))
-  conds = lm_lib.Conditions(text=text, text_mask=jnp.ones(text.shape[:2], jnp.int32))
+  if imported is None:
+    params = jax.jit(lambda r: nn.meta.unbox(lm_lib.init_params(cfg, r)))(jax.random.key(0))
+  else:
+    params = {"params": jax.tree.map(jnp.asarray, imported.params)}
+  conds = _conditions(shape)
   prompt = jnp.zeros((shape.batch, shape.codebooks, 0), jnp.int32)
   mode = "batch" if shape.use_cfg else "none"
   fn = sampling.make_generate_fn(cfg, pattern, shape.frames, 0, shape.top_k, False, mode)
@@ -131,6 +225,17 @@ def prepare_ours(shape: BenchShape, dtype: str) -> tuple[dict[str, Any], Callabl
           run)
 
 
+def greedy_ours(shape: BenchShape, dtype: str, imported: Imported, steps: int) -> np.ndarray:
+  """Greedy (top-k 1) codes [B, K, steps + 1 - K] from the imported weights, same CFG as the bench."""
+  cfg = _lm_config(shape, dtype, imported)
+  settings = sampling.SamplingSettings(top_k=1, cfg_coef=shape.cfg,
+                                       cfg_mode="batch" if shape.use_cfg else "none")
+  codes = sampling.generate({"params": jax.tree.map(jnp.asarray, imported.params)}, cfg,
+                            patterns.get_pattern("delay", shape.codebooks), _conditions(shape),
+                            steps + 1 - shape.codebooks, seed=0, settings=settings)
+  return np.asarray(codes)
+
+
 # --- Hugging Face -------------------------------------------------------------------------------------
 def build_hf_model(shape: BenchShape, torch_dtype, device):
   """MusicgenForConditionalGeneration with a tiny T5 and a tiny EnCodec, the decoder at the bench shape."""
@@ -151,11 +256,22 @@ def build_hf_model(shape: BenchShape, torch_dtype, device):
   return model
 
 
-def prepare_hf(shape: BenchShape, dtype: str) -> tuple[dict[str, Any], Callable[[int], Any]]:
-  """Builds the random HF model and runs a short warm-up generate.
+def load_hf_model(hf_dir: str, torch_dtype, device):
+  """MusicgenForConditionalGeneration.from_pretrained of a local directory (never downloads)."""
+  import transformers as tf
+  tf.logging.set_verbosity_error()
+  model = tf.MusicgenForConditionalGeneration.from_pretrained(hf_dir, local_files_only=True,
+                                                              use_safetensors=True)
+  return model.eval().to(device=device, dtype=torch_dtype)
+
+
+def prepare_hf(shape: BenchShape, dtype: str, hf_dir: str | None = None
+               ) -> tuple[dict[str, Any], Callable[[int], Any], Callable[[int], np.ndarray]]:
+  """Builds the random HF model (or loads `hf_dir`) and runs a short warm-up generate.
 
   Returns (facts: device, attention implementation, output shape, ...; run(seed) -> codes [B, K, T]
-  from `model.decoder.generate` of --steps new tokens, synchronised).
+  from `model.decoder.generate` of --steps new tokens, synchronised; greedy(new_tokens) -> codes
+  [B, K, new_tokens + 1 - K] numpy from a greedy decode with the same CFG).
   """
   import torch
   import transformers as tf
@@ -163,12 +279,13 @@ def prepare_hf(shape: BenchShape, dtype: str) -> tuple[dict[str, Any], Callable[
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   torch.manual_seed(0)
   t0 = time.perf_counter()
-  model = build_hf_model(shape, torch_dtype, device)
+  model = build_hf_model(shape, torch_dtype, device) if hf_dir is None else \
+      load_hf_model(hf_dir, torch_dtype, device)
   build_s = time.perf_counter() - t0
   text = torch.from_numpy(_text_states(shape)).to(device=device, dtype=torch_dtype)
   b, k, special = shape.batch, shape.codebooks, shape.card
 
-  def run(seed: int, new_tokens: int):
+  def run(seed: int, new_tokens: int, greedy: bool = False):
     torch.manual_seed(seed)
     with torch.no_grad():
       hidden = model.enc_to_dec_proj(text) if hasattr(model, "enc_to_dec_proj") else text
@@ -184,7 +301,8 @@ def prepare_hf(shape: BenchShape, dtype: str) -> tuple[dict[str, Any], Callable[
                                      tf.DynamicCache(config=model.decoder.config))
       codes = model.decoder.generate(
           input_ids=start, encoder_hidden_states=hidden, encoder_attention_mask=mask,
-          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=shape.top_k,
+          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=not greedy,
+          top_k=1 if greedy else shape.top_k,
           top_p=1.0, temperature=1.0, guidance_scale=shape.cfg if shape.use_cfg else None,
           num_return_sequences=1, cache=cache,
           pad_token_id=special, bos_token_id=special, decoder_start_token_id=special)
@@ -203,29 +321,34 @@ def prepare_hf(shape: BenchShape, dtype: str) -> tuple[dict[str, Any], Callable[
     """Frames of the last timed call (call after timing)."""
     return int(last["codes"].shape[-1])
 
+  def greedy(new_tokens: int) -> np.ndarray:
+    return run(0, new_tokens, greedy=True).cpu().numpy()
+
   return ({"impl": "hf", "dtype": dtype, "build_s": build_s, "out": "codes [B, K, T]", "device": device,
            "attn_implementation": getattr(model.decoder.config, "_attn_implementation", None),
+           "weights": hf_dir if hf_dir is not None else "random",
            "path": "MusicgenForConditionalGeneration.decoder.generate (MusicgenForCausalLM) with projected "
                    "encoder_hidden_states; no T5, no audio decoding", "frames_fn": frames},
-          timed_run)
+          timed_run, greedy)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--layers", type=int, default=24)
-  p.add_argument("--dim", type=int, default=1024)
-  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--layers", type=int, default=None, help="default 24")
+  p.add_argument("--dim", type=int, default=None, help="default 1024")
+  p.add_argument("--heads", type=int, default=None, help="default 16")
   p.add_argument("--ffn", type=int, default=None, help="FFN width (default 4 x --dim)")
-  p.add_argument("--codebooks", type=int, default=4)
-  p.add_argument("--card", type=int, default=2048, help="codebook size")
+  p.add_argument("--codebooks", type=int, default=None, help="default 4")
+  p.add_argument("--card", type=int, default=None, help="codebook size (default 2048)")
   p.add_argument("--text-len", type=int, default=12)
-  p.add_argument("--text-dim", type=int, default=768)
+  p.add_argument("--text-dim", type=int, default=None, help="default 768")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--steps", type=int, default=1500, help="decode steps (1500 = 30 s at 50 Hz)")
   p.add_argument("--cfg", type=float, default=3.0, help="guidance coefficient (1 = no CFG)")
-  p.add_argument("--top-k", type=int, default=250)
+  p.add_argument("--top-k", type=int, default=None,
+                 help="default 250 (min(250, card) with imported weights)")
   p.add_argument("--dtype", choices=DTYPES, default="float32", help="our compute dtype")
   p.add_argument("--hf-dtype", choices=DTYPES, default="float32", help="Hugging Face model dtype")
   p.add_argument("--repeats", type=int, default=3, help="timed calls per implementation")
@@ -233,6 +356,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch intra-op CPU threads (0 = torch's default); 1 avoids OpenMP spin-waits on a "
                       "CPU shared with other jobs")
+  p.add_argument("--hf-dir", default=None,
+                 help="local HF MusicGen save_pretrained directory: both sides use its weights and shape")
+  p.add_argument("--checkpoint", default=None,
+                 help="our converted model directory: our side uses its LM weights and shape")
+  p.add_argument("--agree-steps", type=int, default=8,
+                 help="steps of the greedy token-agreement check (same weights on both sides only)")
   p.add_argument("--json", default=None, help="also write the results as JSON to this path")
   return p.parse_args(argv)
 
@@ -243,9 +372,19 @@ def main(argv=None) -> dict[str, Any]:
     raise ValueError(f"--repeats must be >= 1, got {a.repeats}")
   if a.torch_threads < 0:
     raise ValueError(f"--torch-threads must be >= 0 (0 = torch's default), got {a.torch_threads}")
-  shape = BenchShape(layers=a.layers, dim=a.dim, heads=a.heads, ffn=a.ffn or 4 * a.dim,
-                     codebooks=a.codebooks, card=a.card, text_dim=a.text_dim, text_len=a.text_len,
-                     batch=a.batch, steps=a.steps, cfg=a.cfg, top_k=a.top_k)
+  imported = None
+  if a.hf_dir is not None or a.checkpoint is not None:
+    imported = load_imported(a.hf_dir, a.checkpoint)
+    shape = imported.shape(a)
+    same_weights = imported.hf_dir is not None and not a.skip_hf
+    if same_weights and a.agree_steps < shape.codebooks:
+      raise ValueError(f"--agree-steps {a.agree_steps} must be >= the {shape.codebooks} codebooks")
+  else:
+    dim = a.dim or 1024
+    shape = BenchShape(layers=a.layers or 24, dim=dim, heads=a.heads or 16, ffn=a.ffn or 4 * dim,
+                       codebooks=a.codebooks or 4, card=a.card or 2048, text_dim=a.text_dim or 768,
+                       text_len=a.text_len, batch=a.batch, steps=a.steps, cfg=a.cfg,
+                       top_k=250 if a.top_k is None else a.top_k)
   if a.torch_threads and not a.skip_hf:
     import torch
     torch.set_num_threads(a.torch_threads)
@@ -255,12 +394,20 @@ def main(argv=None) -> dict[str, Any]:
         f"codebooks={shape.codebooks}x{shape.card} text={shape.text_len}x{shape.text_dim} "
         f"batch={shape.batch} steps={shape.steps} (frames={shape.frames}) cfg={shape.cfg} "
         f"top_k={shape.top_k} repeats={a.repeats}", flush=True)
+  if imported is not None:
+    given = [f"--{n.replace('_', '-')}" for n in SHAPE_FLAGS if getattr(a, n) is not None]
+    print(f"import | model shape (layers dim heads ffn codebooks card text_dim) taken from the checkpoint"
+          f"{'; ignored ' + ' '.join(given) if given else ''}; our LM weights: {imported.source}; "
+          f"hf weights: {'from_pretrained(' + imported.hf_dir + ')' if imported.hf_dir else 'random'}",
+          flush=True)
 
-  ours, run_ours = prepare_ours(shape, a.dtype)
+  ours, run_ours = prepare_ours(shape, a.dtype, imported)
+  if imported is not None:
+    ours["weights"] = imported.source
   results, runs = [ours], [run_ours]
   print(f"ours   | {ours['path']}; compile {ours['compile_s']:.2f} s", flush=True)
   if not a.skip_hf:
-    hf, run_hf = prepare_hf(shape, a.hf_dtype)
+    hf, run_hf, greedy_hf = prepare_hf(shape, a.hf_dtype, imported.hf_dir if imported else None)
     results.append(hf)
     runs.append(run_hf)
     print(f"hf     | {hf['path']}; device={hf['device']} attn={hf['attn_implementation']}", flush=True)
@@ -281,12 +428,41 @@ def main(argv=None) -> dict[str, Any]:
   ratio = results[0]["steps_per_s"] / results[1]["steps_per_s"] if len(results) > 1 else None
   print(f"\nratio ours/hf = {ratio:.3f}" if ratio is not None else "\nratio ours/hf = n/a (--skip-hf)")
   print("(seconds: median of the timed calls; steps/s = steps / median seconds)")
+  agreement = None
+  if imported is not None and imported.hf_dir is not None and not a.skip_hf:
+    agreement = check_agreement(shape, a, imported, greedy_hf)
   payload = {"machine": info, "shape": dataclasses.asdict(shape), "repeats": a.repeats,
              "results": results, "ratio_ours_over_hf": ratio,
              "argv": sys.argv[1:] if argv is None else list(argv)}
+  if agreement is not None:
+    payload["greedy_agreement"] = agreement
   if a.json:
     common.write_json(a.json, payload)
   return payload
+
+
+def check_agreement(shape: BenchShape, a: argparse.Namespace, imported: Imported,
+                    greedy_hf: Callable[[int], np.ndarray]) -> dict[str, Any]:
+  """One greedy pass of --agree-steps steps on both sides (same weights); prints and returns the result."""
+  ours = greedy_ours(shape, a.dtype, imported, a.agree_steps)
+  ref = greedy_hf(a.agree_steps)
+  same = ours.shape == ref.shape
+  agree = int((ours == ref).sum()) if same else 0
+  total = int(ref.size)
+  result = {"steps": a.agree_steps, "codes_shape": list(ref.shape), "agree": agree, "total": total,
+            "equal": same and agree == total, "dtypes": [a.dtype, a.hf_dtype]}
+  if not same:
+    verdict = f"NO (shapes differ: ours {list(ours.shape)}, hf {list(ref.shape)})"
+  elif agree == total:
+    verdict = f"yes ({agree}/{total} tokens)"
+  else:
+    first = tuple(int(i) for i in np.argwhere(ours != ref)[0])
+    result["first_mismatch_bkt"] = list(first)
+    verdict = f"NO ({agree}/{total} tokens agree; first mismatch at [b, k, t] = {list(first)})"
+  print(f"\ngreedy | top-k 1, {a.agree_steps} steps (codes {list(ref.shape)}), CFG {shape.cfg}, "
+        f"dtypes ours {a.dtype} / hf {a.hf_dtype}: tokens agree: {verdict} "
+        "(sanity check, not timed)")
+  return result
 
 
 if __name__ == "__main__":
