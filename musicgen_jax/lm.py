@@ -200,7 +200,7 @@ class MusicGenLM(nn.Module):
   def __call__(self, tokens_bks: jax.Array, conds: Conditions) -> jax.Array:
     """Full forward: steps [B, K, S] -> logits [B, K, S, card] (logit at step s predicts step s+1)."""
     cond = self.project_conditions(conds)
-    x, p = self._with_prefix(tokens_bks, cond, offset=0)
+    x, p = self._with_prefix(tokens_bks, cond.prefix, 0)
     n = x.shape[1]
     ctx = {"self_mask": jnp.tril(jnp.ones((n, n), bool))[None]}
     if cond.cross is not None:
@@ -209,13 +209,12 @@ class MusicGenLM(nn.Module):
     x, _ = self.layers(x.astype(self.cfg.compute_dtype), {}, ctx)
     return self.heads(x[:, p:])
 
-  def _with_prefix(self, tokens_bkn, cond: CondTensors, offset):
-    """Embeds tokens at positions offset.. and prepends the prefix (if any) at positions 0..P-1."""
-    p = 0 if cond.prefix is None else cond.prefix.shape[1]
-    n = tokens_bkn.shape[-1]
-    x = self.embed(tokens_bkn, p + offset + jnp.arange(n))
+  def _with_prefix(self, tokens_bkn, prefix: jax.Array | None, offset):
+    """Embeds tokens at positions P + offset.. and prepends the prefix [B, P, D] (if any) at 0..P-1."""
+    p = 0 if prefix is None else prefix.shape[1]
+    x = self.embed(tokens_bkn, p + offset + jnp.arange(tokens_bkn.shape[-1]))
     if p:
-      pre = cond.prefix + sinusoidal_positions(jnp.arange(p), self.cfg.dim)[None]
+      pre = prefix + sinusoidal_positions(jnp.arange(p), self.cfg.dim)[None]
       x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
     return x, p
 
@@ -229,11 +228,7 @@ class MusicGenLM(nn.Module):
     `pos` of 0 means the cache is empty and is not read.
     Returns (logits [B, K, N, card] for the token steps, new entries (k, v) [L, B, P+N, H, Dh]).
     """
-    p = 0 if prefix is None else prefix.shape[1]
-    x = self.embed(tokens_bkn, pos + p + jnp.arange(tokens_bkn.shape[-1]))
-    if p:
-      pre = prefix + sinusoidal_positions(jnp.arange(p), self.cfg.dim)[None]
-      x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
+    x, p = self._with_prefix(tokens_bkn, prefix, pos)
     if isinstance(pos, int) and pos == 0:
       # Prefill into an empty cache: plain causal attention over the chunk (nothing to read back).
       n = x.shape[1]

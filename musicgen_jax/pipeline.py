@@ -228,12 +228,10 @@ class MusicGen:
     streams = self._codec_streams
     wav = audio_lib.to_channels(wav, streams * self.codec.channels)
     n_q = self.lm_cfg.num_codebooks // streams
-    per = [np.asarray(self.codec.encode(self.params["codec"], jnp.asarray(wav[None, c:c + 1]), n_q))
-           for c in range(streams)] if streams == 2 else [
-               np.asarray(self.codec.encode(self.params["codec"], jnp.asarray(wav[None]), n_q))]
+    encode = lambda x: np.asarray(self.codec.encode(self.params["codec"], jnp.asarray(x[None]), n_q))
     if streams == 1:
-      return per[0]
-    left, right = per
+      return encode(wav)
+    left, right = encode(wav[0:1]), encode(wav[1:2])   # the mono codec per channel
     out = np.empty((1, 2 * n_q, left.shape[-1]), left.dtype)
     out[:, 0::2], out[:, 1::2] = left, right
     return out

@@ -124,30 +124,41 @@ def test_decoder_logits_match(converted):
   assert err < 1e-4
 
 
-def test_greedy_generation_matches(converted):
-  model, _, out_dir = converted
-  ours = MusicGen.load(out_dir)
+def hf_generate(model, ours: MusicGen, new_tokens: int, **kw):
+  """HF greedy CFG-3 generation -> (codes [B, K, T] handed to the codec, audio [B, C, N])."""
   ids, mask = _hf_text(ours)
-  captured = {}
+  calls = []
   decode = model.audio_encoder.decode
 
   def record(codes, *args, **kwargs):
-    captured["codes"] = codes.clone()
+    calls.append(codes[0].clone().numpy())                        # [B, K_codec, T]
     return decode(codes, *args, **kwargs)
 
+  model.audio_encoder.decode = record
+  try:
+    with torch.no_grad():
+      audio = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, guidance_scale=3.0,
+                             max_new_tokens=new_tokens, **kw).numpy()
+  finally:
+    model.audio_encoder.decode = decode
+  if len(calls) == 1:
+    return calls[0], audio
+  left, right = calls                                              # stereo: codec called per channel
+  codes = np.empty((left.shape[0], 2 * left.shape[1], left.shape[2]), left.dtype)
+  codes[:, 0::2], codes[:, 1::2] = left, right
+  return codes, audio
+
+
+
+def test_greedy_generation_matches(converted):
+  model, _, out_dir = converted
+  ours = MusicGen.load(out_dir)
   kw, chroma = {}, None
   if ours.lm_cfg.melody:
     chroma = _chroma(ours)
     kw["input_features"] = torch.tensor(chroma)
   new_tokens = 11
-  model.audio_encoder.decode = record
-  try:
-    with torch.no_grad():
-      audio_ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, guidance_scale=3.0,
-                                 max_new_tokens=new_tokens, **kw).numpy()
-  finally:
-    model.audio_encoder.decode = decode
-  codes_ref = captured["codes"][0].numpy()                         # [B, K, T]
+  codes_ref, audio_ref = hf_generate(model, ours, new_tokens, **kw)    # [B, K, T]
   frames = new_tokens + 1 - K                                       # HF's max_length counts the start step
   assert codes_ref.shape == (len(TEXTS), K, frames)
   codes = ours.generate(TEXTS, duration=(frames - 0.5) / ours.frame_rate, chroma=chroma,

@@ -21,7 +21,7 @@ pytest.importorskip("tokenizers")
 
 from musicgen_jax import audio as audio_lib, convert, sampling  # noqa: E402
 from musicgen_jax.pipeline import MusicGen  # noqa: E402
-from tests.test_convert import CARD, K, ROOT, TEXTS, _hf_model, _hf_text, _tokenizer_json, fill_codebooks  # noqa: E402
+from tests.test_convert import CARD, K, ROOT, TEXTS, _hf_model, _hf_text, _tokenizer_json, fill_codebooks, hf_generate  # noqa: E402
 
 GREEDY_CFG3 = sampling.SamplingSettings(top_k=1, cfg_coef=3.0)
 
@@ -86,31 +86,6 @@ def stereo(tmp_path_factory):
   return model, out_dir, MusicGen.load(out_dir)
 
 
-def _hf_generate(model, ours: MusicGen, new_tokens: int, **kw):
-  """HF greedy CFG-3 generation -> (codes [B, K, T] handed to the codec, audio [B, C, N])."""
-  ids, mask = _hf_text(ours)
-  calls = []
-  decode = model.audio_encoder.decode
-
-  def record(codes, *args, **kwargs):
-    calls.append(codes[0].clone().numpy())                        # [B, K_codec, T]
-    return decode(codes, *args, **kwargs)
-
-  model.audio_encoder.decode = record
-  try:
-    with torch.no_grad():
-      audio = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, guidance_scale=3.0,
-                             max_new_tokens=new_tokens, **kw).numpy()
-  finally:
-    model.audio_encoder.decode = decode
-  if len(calls) == 1:
-    return calls[0], audio
-  left, right = calls                                              # stereo: codec called per channel
-  codes = np.empty((left.shape[0], 2 * left.shape[1], left.shape[2]), left.dtype)
-  codes[:, 0::2], codes[:, 1::2] = left, right
-  return codes, audio
-
-
 def _noise(path, seconds: float, sr: int, channels: int = 1) -> None:
   wav = np.random.default_rng(6).uniform(-0.9, 0.9, size=(channels, int(round(seconds * sr))))
   audio_lib.write_wav(path, wav.astype(np.float32), sr)
@@ -153,7 +128,7 @@ def test_continuation_keeps_prompt_and_matches_hf(mono, prompt_wav):
   wav = audio_lib.resample(wav, sr, ours.codec.sample_rate)
   # HF encodes `input_values` with the codec and continues from those codes (after a start step).
   new_tokens = 9
-  codes_ref, audio_ref = _hf_generate(model, ours, new_tokens,
+  codes_ref, audio_ref = hf_generate(model, ours, new_tokens,
                                       input_values=torch.tensor(np.repeat(wav[None], len(TEXTS), 0)))
   frames = PROMPT_FRAMES + 1 + new_tokens - K
   assert codes_ref.shape == (len(TEXTS), K, frames)
@@ -282,7 +257,7 @@ def test_stereo_generation_and_decoding_match_hf(stereo):
   assert tuple(ours.config.pattern.delays) == (0, 0, 1, 1, 2, 2, 3, 3)
   assert ours.lm_cfg.num_codebooks == 2 * K and ours.codec.num_codebooks == K
   new_tokens = 10
-  codes_ref, audio_ref = _hf_generate(model, ours, new_tokens)
+  codes_ref, audio_ref = hf_generate(model, ours, new_tokens)
   frames = new_tokens + 1 - K
   assert codes_ref.shape == (len(TEXTS), 2 * K, frames)
   codes = ours.generate(TEXTS, duration=(frames - 0.5) / ours.frame_rate, settings=GREEDY_CFG3)
