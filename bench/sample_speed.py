@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -187,10 +188,12 @@ def _conditions(shape: BenchShape) -> lm_lib.Conditions:
   return lm_lib.Conditions(text=text, text_mask=jnp.ones(text.shape[:2], jnp.int32))
 
 
-def prepare_ours(shape: BenchShape, dtype: str,
-                 imported: Imported | None = None) -> tuple[dict[str, Any], Callable[[int], Any]]:
+def prepare_ours(shape: BenchShape, dtype: str, imported: Imported | None = None,
+                 segments: int | None = None,
+                 hlo_stats: bool = False) -> tuple[dict[str, Any], Callable[[int], Any]]:
   """Builds random params (or takes the imported ones), compiles our sampler ahead of time and runs it
-  once (warm-up).
+  once (warm-up). `segments`: the step scan's segments (None: what `sampling.generate` would choose);
+  `hlo_stats`: also count the kernels and bytes copied per step in the compiled program (decode_hlo.py).
 
   Returns (facts: compile time, output shape, ...; run(seed) -> steps [B, K, S], blocking).
   """
@@ -205,7 +208,10 @@ def prepare_ours(shape: BenchShape, dtype: str,
   conds = _conditions(shape)
   prompt = jnp.zeros((shape.batch, shape.codebooks, 0), jnp.int32)
   mode = "batch" if shape.use_cfg else "none"
-  fn = sampling.make_generate_fn(cfg, pattern, shape.frames, 0, shape.top_k, False, mode)
+  if segments is None:
+    segments = sampling.auto_segments(shape.steps, shape.batch * (2 if shape.use_cfg else 1), cfg.dim)
+  fn = sampling.make_generate_fn(cfg, pattern, shape.frames, 0, shape.top_k, False, mode,
+                                 segments=segments)
 
   def args(seed):
     return (params, conds, prompt, jax.random.key(seed), jnp.float32(1.0), jnp.float32(0.0),
@@ -214,14 +220,31 @@ def prepare_ours(shape: BenchShape, dtype: str,
   t0 = time.perf_counter()
   compiled = fn.lower(*args(0)).compile()
   compile_s = time.perf_counter() - t0
+  stats = {}
+  if hlo_stats:
+    from bench import decode_hlo
+    comps, entry = decode_hlo.parse_hlo(compiled.as_text())
+    loops = decode_hlo.step_loops(comps, entry, cfg.num_layers)
+    n = max(1, sum(l["trip"] for l in loops))
+    kinds: dict[str, float] = {}
+    for l in loops:
+      for k, v in l["ops"].items():
+        kinds[k] = kinds.get(k, 0) + v * l["trip"] / n
+    stats = {"kernels_per_step": sum(l["kernels"] * l["trip"] for l in loops) / n,
+             "kernel_kinds_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+             "copy_bytes_per_step": sum(l["copy_bytes"] * l["trip"] for l in loops) / n,
+             "dynamic_slice_bytes_per_step":
+                 sum(l["dynamic_slice_bytes"] * l["trip"] for l in loops) / n,
+             "written_bytes_per_step": sum(l["written_bytes"] * l["trip"] for l in loops) / n}
 
   def run(seed: int) -> jax.Array:
     return compiled(*args(seed)).block_until_ready()
 
   out = run(0)                                          # warm-up, not timed
   return ({"impl": "ours", "dtype": dtype, "compile_s": compile_s, "out_shape": list(out.shape),
-           "out": "pattern steps [B, K, S]", "frames": shape.frames,
-           "path": "sampling.make_generate_fn (jit, AOT-compiled), cfg_mode=" + mode},
+           "out": "pattern steps [B, K, S]", "frames": shape.frames, "segments": segments,
+           "path": f"sampling.make_generate_fn (jit, AOT-compiled), cfg_mode={mode}, segments={segments}",
+           **stats},
           run)
 
 
@@ -265,6 +288,12 @@ def load_hf_model(hf_dir: str, torch_dtype, device):
   return model.eval().to(device=device, dtype=torch_dtype)
 
 
+def hf_cache_kwarg(decoder) -> str:
+  """The name under which this transformers version's MusicGen decoder takes its KV cache: `cache`
+  (5.2x) or `past_key_values` (5.17 and older; generate rejects `cache` there)."""
+  return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 def prepare_hf(shape: BenchShape, dtype: str, hf_dir: str | None = None
                ) -> tuple[dict[str, Any], Callable[[int], Any], Callable[[int], np.ndarray]]:
   """Builds the random HF model (or loads `hf_dir`) and runs a short warm-up generate.
@@ -282,6 +311,7 @@ def prepare_hf(shape: BenchShape, dtype: str, hf_dir: str | None = None
   model = build_hf_model(shape, torch_dtype, device) if hf_dir is None else \
       load_hf_model(hf_dir, torch_dtype, device)
   build_s = time.perf_counter() - t0
+  cache_kwarg = hf_cache_kwarg(model.decoder)
   text = torch.from_numpy(_text_states(shape)).to(device=device, dtype=torch_dtype)
   b, k, special = shape.batch, shape.codebooks, shape.card
 
@@ -296,7 +326,7 @@ def prepare_hf(shape: BenchShape, dtype: str, hf_dir: str | None = None
       start = torch.full((b * k, 1), special, dtype=torch.long, device=device)
       # The composite model decodes with an EncoderDecoderCache; the standalone decoder's generate would
       # make one DynamicCache shared by self- and cross-attention (cross keys appended to self keys), so
-      # pass the composite's cache type explicitly.
+      # pass the composite's cache type explicitly, under the name this transformers version takes.
       cache = tf.EncoderDecoderCache(tf.DynamicCache(config=model.decoder.config),
                                      tf.DynamicCache(config=model.decoder.config))
       codes = model.decoder.generate(
@@ -304,7 +334,7 @@ def prepare_hf(shape: BenchShape, dtype: str, hf_dir: str | None = None
           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=not greedy,
           top_k=1 if greedy else shape.top_k,
           top_p=1.0, temperature=1.0, guidance_scale=shape.cfg if shape.use_cfg else None,
-          num_return_sequences=1, cache=cache,
+          num_return_sequences=1, **{cache_kwarg: cache},
           pad_token_id=special, bos_token_id=special, decoder_start_token_id=special)
     if device == "cuda":
       torch.cuda.synchronize()
@@ -352,6 +382,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=DTYPES, default="float32", help="our compute dtype")
   p.add_argument("--hf-dtype", choices=DTYPES, default="float32", help="Hugging Face model dtype")
   p.add_argument("--repeats", type=int, default=3, help="timed calls per implementation")
+  p.add_argument("--hf-repeats", type=int, default=None,
+                 help="timed calls of the HF side (default --repeats; fewer saves time on slow runs)")
+  p.add_argument("--segments", type=int, default=None,
+                 help="our step-scan segments (default: what sampling.generate chooses)")
+  p.add_argument("--hlo-stats", action="store_true",
+                 help="print kernels and bytes copied per decode step of our compiled program")
   p.add_argument("--skip-hf", action="store_true", help="time only ours")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch intra-op CPU threads (0 = torch's default); 1 avoids OpenMP spin-waits on a "
@@ -368,8 +404,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, Any]:
   a = parse_args(argv)
-  if a.repeats < 1:
-    raise ValueError(f"--repeats must be >= 1, got {a.repeats}")
+  if a.repeats < 1 or (a.hf_repeats is not None and a.hf_repeats < 1):
+    raise ValueError(f"--repeats and --hf-repeats must be >= 1, got {a.repeats}, {a.hf_repeats}")
+  if a.segments is not None and a.segments < 1:
+    raise ValueError(f"--segments must be >= 1, got {a.segments}")
   if a.torch_threads < 0:
     raise ValueError(f"--torch-threads must be >= 0 (0 = torch's default), got {a.torch_threads}")
   imported = None
@@ -401,18 +439,34 @@ def main(argv=None) -> dict[str, Any]:
           f"hf weights: {'from_pretrained(' + imported.hf_dir + ')' if imported.hf_dir else 'random'}",
           flush=True)
 
-  ours, run_ours = prepare_ours(shape, a.dtype, imported)
+  ours, run_ours = prepare_ours(shape, a.dtype, imported, a.segments, a.hlo_stats)
   if imported is not None:
     ours["weights"] = imported.source
   results, runs = [ours], [run_ours]
   print(f"ours   | {ours['path']}; compile {ours['compile_s']:.2f} s", flush=True)
+  if a.hlo_stats:
+    print(f"hlo    | per step: {ours['kernels_per_step']:.0f} kernels, "
+          f"{ours['copy_bytes_per_step'] / 1e6:.3f} MB copied, "
+          f"{ours['dynamic_slice_bytes_per_step'] / 1e6:.3f} MB dynamic-sliced, "
+          f"{ours['written_bytes_per_step'] / 1e6:.3f} MB written "
+          f"({jax.default_backend()} program, bench/decode_hlo.py)", flush=True)
+    top = list(ours["kernel_kinds_per_step"].items())[:10]
+    print("hlo    | kinds: " + ", ".join(f"{k} {v:.0f}" for k, v in top), flush=True)
   if not a.skip_hf:
     hf, run_hf, greedy_hf = prepare_hf(shape, a.hf_dtype, imported.hf_dir if imported else None)
     results.append(hf)
     runs.append(run_hf)
     print(f"hf     | {hf['path']}; device={hf['device']} attn={hf['attn_implementation']}", flush=True)
   # Interleaved (ours, hf, ours, hf, ...) so that both see the same machine load.
-  for r, times in zip(results, common.time_interleaved(runs, a.repeats)):
+  hf_repeats = a.repeats if a.hf_repeats is None else a.hf_repeats
+  counts = [a.repeats] + [hf_repeats] * (len(runs) - 1)
+  timings = common.time_interleaved(runs, min(counts))
+  for fn, times, n in zip(runs, timings, counts):   # the side with more repeats runs its extra calls
+    for i in range(len(times), n):
+      t0 = time.perf_counter()
+      fn(1000 + i)
+      times.append(time.perf_counter() - t0)
+  for r, times in zip(results, timings):
     r["times_s"] = times
     r.update(common.summarize(times))
     r["steps"] = shape.steps

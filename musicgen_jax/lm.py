@@ -13,8 +13,9 @@ Conditioning (chosen by the config):
 Parameter names mirror Hugging Face's MusicgenForConditionalGeneration / MusicgenMelody decoders, with the
 K embeddings and K heads stacked (see musicgen_jax/interop for the name table).
 
-Two entry points: `__call__` (full sequence; training and the uncached reference) and `decode` (a chunk of
-steps against an explicit KV cache; used by the sampler for prefill and single steps).
+`__call__` is the full-sequence forward (training and the uncached reference). Cached decoding (prefill
+and single steps against per-layer KV caches) reads the same parameters in a serving layout:
+musicgen_jax/lm_decode.py.
 """
 from __future__ import annotations
 
@@ -133,10 +134,9 @@ class MusicGenLM(nn.Module):
     layer_cls = DecoderLayer
     if c.remat != "none":
       layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(c.remat), prevent_cse=False)
-    scan_kw = dict(variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   length=c.num_layers, metadata_params={nn.PARTITION_NAME: shd.LAYERS})
-    self.layers = nn.scan(layer_cls, methods={"__call__": dict(scan_kw, in_axes=(0, nn.broadcast)),
-                                              "cross_kv": dict(scan_kw, in_axes=(nn.broadcast,))})(
+    self.layers = nn.scan(layer_cls, variable_axes={"params": 0},
+                          split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
+                          length=c.num_layers, metadata_params={nn.PARTITION_NAME: shd.LAYERS})(
         block, self.deterministic)
     self.layer_norm = layer_norm(c.layer_norm_eps)
     self.lm_heads = self.param(
@@ -174,13 +174,6 @@ class MusicGenLM(nn.Module):
       chroma = self.audio_enc_to_dec_proj(chroma).astype(jnp.float32)
     return chroma
 
-  def cross_kv(self, cond: CondTensors):
-    """Cross-attention keys and values of every layer, computed once: (k, v) [L, B, Lc, H, Dh]."""
-    if cond.cross is None:
-      return None
-    _, kv = self.layers.cross_kv(cond.cross, None)
-    return kv
-
   # --- token embedding and heads ----------------------------------------------------------------
   def embed(self, tokens_bkn: jax.Array, pos_n: jax.Array) -> jax.Array:
     """Sum of the K codebook embeddings plus positions -> [B, N, D] float32."""
@@ -201,12 +194,11 @@ class MusicGenLM(nn.Module):
     """Full forward: steps [B, K, S] -> logits [B, K, S, card] (logit at step s predicts step s+1)."""
     cond = self.project_conditions(conds)
     x, p = self._with_prefix(tokens_bks, cond.prefix, 0)
-    n = x.shape[1]
-    ctx = {"self_mask": jnp.tril(jnp.ones((n, n), bool))[None]}
+    ctx = {}
     if cond.cross is not None:
       ctx["cond"] = cond.cross
-      ctx["cond_mask"] = cond.cross_mask[:, None, :]
-    x, _ = self.layers(x.astype(self.cfg.compute_dtype), {}, ctx)
+      ctx["cond_mask"] = cond.cross_mask[:, None, None, :]
+    x, _ = self.layers(x.astype(self.cfg.compute_dtype), ctx)
     return self.heads(x[:, p:])
 
   def _with_prefix(self, tokens_bkn, prefix: jax.Array | None, offset):
@@ -217,43 +209,6 @@ class MusicGenLM(nn.Module):
       pre = prefix + sinusoidal_positions(jnp.arange(p), self.cfg.dim)[None]
       x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
     return x, p
-
-  # --- cached decoding --------------------------------------------------------------------------
-  def decode(self, tokens_bkn: jax.Array, cache: dict, pos: jax.Array, cross_kv, cross_mask,
-             prefix: jax.Array | None = None):
-    """A chunk of N steps against the cache.
-
-    tokens [B, K, N] at absolute positions pos..pos+N-1 (prefix positions count); `prefix` [B, P, D] is
-    placed before them (prefill only, with pos = 0). cache: {'k', 'v'} [L, B, H, S_max, Dh]; a Python
-    `pos` of 0 means the cache is empty and is not read.
-    Returns (logits [B, K, N, card] for the token steps, new entries (k, v) [L, B, P+N, H, Dh]).
-    """
-    x, p = self._with_prefix(tokens_bkn, prefix, pos)
-    if isinstance(pos, int) and pos == 0:
-      # Prefill into an empty cache: plain causal attention over the chunk (nothing to read back).
-      n = x.shape[1]
-      xs, ctx = {}, {"self_mask": jnp.tril(jnp.ones((n, n), bool))[None]}
-    else:
-      xs, ctx = {"cache": (cache["k"], cache["v"])}, {"pos": pos}
-    if cross_kv is not None:
-      xs["cross"] = cross_kv
-      ctx["cond_mask"] = cross_mask[:, None, :]
-    x, new_kv = self.layers(x.astype(self.cfg.compute_dtype), xs, ctx)
-    return self.heads(x[:, p:]), new_kv
-
-
-def init_cache(cfg: LMConfig, batch: int, length: int) -> dict:
-  """An empty KV cache {'k', 'v'}: [L, B, H, length, Dh] (head-major) in the compute dtype."""
-  shape = (cfg.num_layers, batch, cfg.num_heads, length, cfg.head_dim)
-  return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-
-
-def write_cache(cache: dict, new_kv, pos) -> dict:
-  """Writes new entries (k, v) [L, B, N, H, Dh] at positions pos..pos+N-1 of the head-major cache."""
-  k, v = (jnp.swapaxes(x, 2, 3) for x in new_kv)
-  at = (0, 0, 0, pos, 0)
-  return {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
-          "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)}
 
 
 def init_params(cfg: LMConfig, rng: jax.Array, batch: int = 1, steps: int = 2, text_len: int = 2,

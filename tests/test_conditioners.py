@@ -291,7 +291,9 @@ def test_melody_condition_resamples_and_nulls_silence(caplog):
   with caplog.at_level(logging.WARNING):
     silent = melody.melody_condition(np.zeros((1, 32000), np.float32), 32000, 7)
   assert "silent" in caplog.text
-  np.testing.assert_array_equal(silent, np.zeros((7, 12)))
+  np.testing.assert_array_equal(silent, melody.null_chroma(1, 7)[0])
+  np.testing.assert_array_equal(silent.argmax(-1), np.zeros(7))   # one-hot on C, as the released models
+  np.testing.assert_array_equal(silent.sum(-1), np.ones(7))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec
 
 from musicgen_jax import lm as lm_lib
+from musicgen_jax import lm_decode
 from musicgen_jax import sharding as shd
 
 from tests.conftest import TEXT_CFG, TinyLM, abstract_params
@@ -42,24 +43,30 @@ def _max_diff(a, b) -> float:
 
 # ---- cached decoding ---------------------------------------------------------------------------------
 def _cached_logits(model: lm_lib.MusicGenLM, params, tokens_bks, conds, chunks, cache_room: int):
-  """Logits [B, K, S, card] from cached decoding: a prefill of chunks[0] steps (with the prefix), then
-  chunks of the given sizes, then single steps. The cache starts filled with noise and is `cache_room`
-  entries longer than needed, so anything read past `pos` would show."""
+  """Logits [B, K, S, card] from the serving-layout decode step (lm_decode.py): a prefill of chunks[0]
+  steps (with the prefix), then chunks of the given sizes, then single steps. The caches start filled
+  with noise and are `cache_room` entries longer than needed (grown by `cache_room` more half-way), so
+  anything read past the written positions would show."""
+  cfg = model.cfg
+  w = lm_decode.serving_weights(cfg, params)
   cond = model.apply(params, conds, method=model.project_conditions)
-  ckv = model.apply(params, cond, method=model.cross_kv)
+  ckv = lm_decode.cross_kv(cfg, w, cond.cross)
   p = 0 if cond.prefix is None else cond.prefix.shape[1]
   b, _, s = tokens_bks.shape
-  empty = lm_lib.init_cache(model.cfg, b, p + s + cache_room)
-  keys = jax.random.split(jax.random.key(7), 2)
-  cache = {n: 3.0 * jax.random.normal(k, empty[n].shape, empty[n].dtype) for n, k in zip("kv", keys)}
+  keys = iter(jax.random.split(jax.random.key(7), 2 * cfg.num_layers))
+  caches = tuple(tuple(3.0 * jax.random.normal(next(keys), x.shape, x.dtype) for x in kv)
+                 for kv in lm_decode.init_caches(cfg, b, p + s + cache_room))
   sizes = list(chunks) + [1] * (s - sum(chunks))
   out, start = [], 0
   for i, n in enumerate(sizes):
-    pos = jnp.int32(0 if i == 0 else p + start)
-    logits, new_kv = model.apply(params, tokens_bks[:, :, start:start + n], cache, pos, ckv,
-                                 cond.cross_mask, cond.prefix if i == 0 else None, method=model.decode)
-    assert new_kv[0].shape[2] == (p if i == 0 else 0) + n
-    cache = lm_lib.write_cache(cache, new_kv, pos)
+    if i == len(sizes) // 2:
+      caches = lm_decode.grow_caches(caches, caches[0][0].shape[2] + cache_room)
+    chunk = tokens_bks[:, :, start:start + n]
+    if i == 0:
+      logits, caches = lm_decode.prefill(cfg, w, chunk, caches, ckv, cond.cross_mask, cond.prefix)
+    else:
+      logits, caches = lm_decode.decode(cfg, w, chunk, caches, jnp.int32(p + start), ckv,
+                                        cond.cross_mask)
     out.append(logits)
     start += n
   return jnp.concatenate(out, axis=2)
@@ -135,8 +142,8 @@ def test_bf16_compute_is_close_to_fp32(text_lm):
   err = _max_diff(out, ref)
   assert err < 0.1 * scale, (err, scale)
   assert err > 0.0  # bf16 really was used
-  cache = lm_lib.init_cache(cfg16, 2, 4)
-  assert cache["k"].dtype == jnp.bfloat16
+  caches = lm_decode.init_caches(cfg16, 2, 4)
+  assert len(caches) == cfg16.num_layers and caches[0][0].dtype == jnp.bfloat16
 
 
 def _loss(cfg: lm_lib.LMConfig, params, tokens_bks, targets_bks, conds):
@@ -257,6 +264,20 @@ with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
   sharded_params = jax.device_put(params, p_sh)
   logits = fwd(sharded_params, jax.device_put(tokens, tok_sh), jax.device_put(conds, cond_sh))
 
+# The sampler across the 8 devices: batch 3 (padded to 4 for data x fsdp = 4) against one device, greedy
+# (temperature 0) and sampled; weights split over fsdp and tensor by the same rules.
+from musicgen_jax import patterns, sampling
+pattern = patterns.get_pattern("delay", cfg.num_codebooks)
+conds3 = jax.tree.map(lambda x: x[:3], conds)
+for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+  settings = sampling.SamplingSettings(top_k=4, temperature=temperature)
+  one = sampling.generate(params, cfg, pattern, conds3, 5, seed=3, settings=settings)
+  many = sampling.generate(params, cfg, pattern, conds3, 5, seed=3, settings=settings, mesh=mesh,
+                           rules=rules)
+  out[name + "_equal"] = bool((np.asarray(one) == np.asarray(many)).all())
+  out[name + "_shape"] = list(np.asarray(many).shape)
+  out["sampler_devices"] = len(many.sharding.device_set)
+
 # Compare on the host, outside the mesh context.
 out["init_err"] = max(jax.tree.leaves(jax.tree.map(
     lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), init_sh, init_ref)))
@@ -270,7 +291,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def test_sharded_forward_matches_single_device():
+def test_sharded_forward_and_sampler_match_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True,
@@ -285,6 +306,10 @@ def test_sharded_forward_matches_single_device():
   assert res["fc1_spec"] == str(PartitionSpec(None, "fsdp", "tensor")), res
   assert res["fc1_shard_shape"] == [2, 16, 32], res
   assert res["logits_spec"] == str(PartitionSpec(("data", "fsdp"), None, None, "tensor")), res
+  # The sampler on 8 devices (batch 3 padded to 4, weights split) gives one device's tokens.
+  assert res["greedy_equal"] and res["sampled_equal"], res
+  assert res["greedy_shape"] == res["sampled_shape"] == [3, 4, 5], res
+  assert res["sampler_devices"] == 8, res
 
 
 # ---- config validation -------------------------------------------------------------------------------

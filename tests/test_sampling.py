@@ -94,7 +94,7 @@ def test_greedy_matches_reference_loop(text_lm, name):
 
 def test_greedy_melody_prefix_matches_reference_loop(melody_lm):
   pattern = patterns.get_pattern("delay", 4)
-  got = _generate(melody_lm, pattern)
+  got = _generate(melody_lm, pattern, segments=2)   # caches grown between two step scans
   np.testing.assert_array_equal(got, reference_greedy(melody_lm, pattern, melody_lm.conds, T, 3.0))
 
 
@@ -118,7 +118,7 @@ def test_continuation_keeps_prompt_and_matches_reference(text_lm):
   pattern = patterns.get_pattern("delay", 4)
   rng = np.random.default_rng(3)
   prompt = rng.integers(0, text_lm.cfg.card, size=(2, 4, 2)).astype(np.int32)
-  got = _generate(text_lm, pattern, prompt=jnp.asarray(prompt))
+  got = _generate(text_lm, pattern, prompt=jnp.asarray(prompt), segments=3)
   np.testing.assert_array_equal(got[:, :, :2], prompt)
   np.testing.assert_array_equal(got, reference_greedy(text_lm, pattern, text_lm.conds, T, 3.0, prompt))
 
@@ -142,7 +142,9 @@ def test_temperature_zero_is_greedy_and_settings_do_not_retrace(text_lm, monkeyp
   b = _generate(text_lm, pattern, settings(temperature=0.7, top_p=0.8, cfg_coef=4.0), seed=2)
   a2 = _generate(text_lm, pattern, settings(temperature=1.0, top_p=0.9, cfg_coef=2.0), seed=1)
   assert len(traces) == n_traces, "a new seed / temperature / top-p / cfg coefficient retraced"
-  fn = sampling._cached_generate_fn(text_lm.cfg, pattern, T, 0, 16, True, "batch", None)
+  segments = 1   # what generate chooses on CPU
+  fn = sampling._cached_generate_fn(text_lm.cfg, pattern, T, 0, 16, True, "batch", None, segments, None,
+                                    None)
   assert fn._cache_size() == 1
   np.testing.assert_array_equal(a, a2)            # same seed and settings: same codes
   assert (a != zero).any() and (a != b).any()     # sampling is really random

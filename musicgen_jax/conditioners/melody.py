@@ -9,9 +9,12 @@ normalized=True, center=True)` + librosa's chroma filters with tuning 0), includ
 of clips shorter than n_fft (split evenly, the odd sample on the right) and its frame count
 1 + max(N, n_fft) // hop. Differences, by design: the extractor also truncates clips to 30 s and
 resamples with torchaudio's sinc filter; here `melody_condition` resamples with scipy's polyphase
-filter (`audio.resample`) and fits the chroma to the caller's number of frames. For silent frames the
-extractor (and `chromagram`) still emits a one-hot on C; `melody_condition` returns the null condition
-(all zeros) for a silent melody instead.
+filter (`audio.resample`) and fits the chroma to the caller's number of frames.
+
+The null melody condition (`null_chroma`: every frame one-hot on C) is what the released
+MusicGen-Melody models see without a melody and as the unconditional half of classifier-free guidance
+(transformers' MusicgenMelodyForConditionalGeneration builds the same); it is also what the extractor
+gives for silence. The sampler, the pipeline and `melody_condition` (for a silent melody) all use it.
 """
 from __future__ import annotations
 
@@ -21,9 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musicgen_jax import audio as audio_lib
-
 _log = logging.getLogger(__name__)
+
+NULL_PITCH_CLASS = 0  # C
+
+
+def null_chroma(batch: int, frames: int, num_chroma: int = 12) -> np.ndarray:
+  """The null melody condition: float32 [batch, frames, num_chroma], every frame one-hot on C."""
+  chroma = np.zeros((batch, frames, num_chroma), np.float32)
+  chroma[..., NULL_PITCH_CLASS] = 1.0
+  return chroma
 
 
 def chroma_filter_bank(sr: int, n_fft: int, n_chroma: int = 12, tuning: float = 0.0,
@@ -103,9 +113,10 @@ def melody_condition(audio: np.ndarray, sr: int, target_frames: int, sample_rate
 
   `audio` [C, N] (or [N]) at `sr` is mixed down to mono (channel mean), resampled to `sample_rate`,
   turned into the argmax chromagram, then tiled (repeated from the start) or cut to `target_frames`.
-  A melody whose RMS is below `silence_db` dBFS logs a warning and gives all zeros: the null
-  condition, the same as a dropped melody under classifier-free guidance.
+  A melody whose RMS is below `silence_db` dBFS logs a warning and gives `null_chroma`, the condition
+  of no melody.
   """
+  from musicgen_jax import audio as audio_lib
   audio = np.asarray(audio, np.float32)
   if audio.ndim == 1:
     audio = audio[None]
@@ -115,9 +126,8 @@ def melody_condition(audio: np.ndarray, sr: int, target_frames: int, sample_rate
     raise ValueError(f"target_frames must be >= 1, got {target_frames}")
   mono_1n = audio_lib.resample(audio_lib.to_channels(audio, 1), sr, sample_rate)
   if audio_lib.is_silent(mono_1n, silence_db):
-    _log.warning("melody is silent (below %.0f dBFS); using the null (all-zero) melody condition",
-                 silence_db)
-    return np.zeros((int(target_frames), 12), np.float32)
+    _log.warning("melody is silent (below %.0f dBFS); using the null melody condition", silence_db)
+    return null_chroma(1, int(target_frames))[0]
   chroma_tc = np.asarray(chromagram(mono_1n, sample_rate, n_fft, hop, argmax=True))[0]
   reps = -(-int(target_frames) // chroma_tc.shape[0])
   return np.tile(chroma_tc, (reps, 1))[: int(target_frames)]

@@ -34,6 +34,7 @@ import numpy as np
 import tokenizers
 from flax import linen as nn
 
+from musicgen_jax.nn.attention import attend
 from musicgen_jax.sharding import BATCH, COND_EMBED, HEAD_DIM, HEADS, LENGTH, MLP, VOCAB
 
 _LOG = logging.getLogger(__name__)
@@ -197,12 +198,7 @@ class T5SelfAttention(nn.Module):
         jnp.einsum("bld,dhk->blhk", x_bld, _param(self, name, init, shape_in, in_axes).astype(self.dtype))
         for name in ("query", "key", "value"))
     # T5 does not scale the scores by 1/sqrt(d_kv): the scale is folded into the initialisation.
-    scores_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_blhk, k_blhk, preferred_element_type=jnp.float32)
-    scores_bhqk = scores_bhqk + bias_hll[None]
-    keep_b11k = mask_bl[:, None, None, :].astype(bool)
-    scores_bhqk = jnp.where(keep_b11k, scores_bhqk, jnp.finfo(jnp.float32).min)
-    probs_bhqk = jax.nn.softmax(scores_bhqk, axis=-1).astype(self.dtype)
-    out_blhk = jnp.einsum("bhqk,bkhd->bqhd", probs_bhqk, v_blhk)
+    out_blhk = attend(q_blhk, k_blhk, v_blhk, mask_bl[:, None, None, :].astype(bool), bias_hll[None])
     wo_hkd = _param(self, "out", nn.initializers.normal((cfg.num_heads * cfg.d_kv) ** -0.5),
                     (cfg.num_heads, cfg.d_kv, cfg.d_model), (HEADS, HEAD_DIM, COND_EMBED))
     return jnp.einsum("blhk,hkd->bld", out_blhk, wo_hkd.astype(self.dtype)).astype(jnp.float32)

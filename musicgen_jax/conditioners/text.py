@@ -21,6 +21,7 @@ from flax import linen as nn
 
 from musicgen_jax import sharding as shd
 from musicgen_jax.conditioners.tokenizer import TextTokenizer
+from musicgen_jax.nn.attention import attend
 from musicgen_jax.nn.transformer import sinusoidal_positions
 
 _EMBED_ROWS_MULTIPLE = 128  # embedding rows are padded so the vocab axis shards evenly
@@ -38,6 +39,21 @@ def _layer_norm(name: str) -> nn.LayerNorm:
       bias_init=_partitioned(nn.initializers.zeros, (shd.COND_EMBED,)))
 
 
+class _Kernel(nn.Module):
+  """One weight `kernel` of a given shape with logical axis names (fan-in scaled normal init)."""
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  param_dtype: Any
+  fan_in_axes: tuple[int, ...] = (0,)
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    out_axes = tuple(i for i in range(len(self.shape)) if i not in self.fan_in_axes)
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=self.fan_in_axes,
+                                            out_axis=out_axes)
+    return self.param("kernel", _partitioned(init, self.axes), self.shape, self.param_dtype)
+
+
 class _SelfAttention(nn.Module):
   """Bidirectional multi-head self-attention over keys where mask == 1. x [B, L, D] -> [B, L, D]."""
   num_heads: int
@@ -48,24 +64,24 @@ class _SelfAttention(nn.Module):
   def __call__(self, x_bld: jax.Array, mask_bl: jax.Array) -> jax.Array:
     d = x_bld.shape[-1]
     head_dim = d // self.num_heads
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+
+    # Kernels are declared with their full shapes (not through DenseGeneral, which initialises a
+    # flattened 2-D kernel and so cannot carry three logical axis names).
+    def kernel(name, shape, axes, fan_in_axes=(0,)):
+      return _Kernel(shape, axes, self.param_dtype, fan_in_axes, name=name)().astype(self.dtype)
 
     def proj(name):
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=_partitioned(init, (shd.COND_EMBED, shd.HEADS, shd.HEAD_DIM)), name=name)
+      w_dhk = kernel(name, (d, self.num_heads, head_dim), (shd.COND_EMBED, shd.HEADS, shd.HEAD_DIM))
+      return jnp.einsum("bld,dhk->blhk", x_bld.astype(self.dtype), w_dhk)
 
-    q_blhk = proj("query")(x_bld) * jnp.asarray(1.0 / math.sqrt(head_dim), self.dtype)
-    k_blhk = proj("key")(x_bld)
-    v_blhk = proj("value")(x_bld)
-    logits_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_blhk, k_blhk).astype(jnp.float32)
-    # Large finite negative (not -inf) so a fully padded row stays finite; it is zeroed downstream.
-    logits_bhqk = jnp.where(mask_bl[:, None, None, :] > 0, logits_bhqk, -1e9)
-    probs_bhqk = jax.nn.softmax(logits_bhqk, axis=-1).astype(self.dtype)
-    out_blhk = jnp.einsum("bhqk,bkhd->bqhd", probs_bhqk, v_blhk)
-    return nn.DenseGeneral(
-        d, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_partitioned(init, (shd.HEADS, shd.HEAD_DIM, shd.COND_EMBED)), name="out")(out_blhk)
+    q_blhk = proj("query") * jnp.asarray(1.0 / math.sqrt(head_dim), self.dtype)
+    k_blhk = proj("key")
+    v_blhk = proj("value")
+    # A fully padded row stays finite (attend's mask value is finite); it is zeroed downstream.
+    out_blhk = attend(q_blhk, k_blhk, v_blhk, mask_bl[:, None, None, :] > 0)
+    w_hkd = kernel("out", (self.num_heads, head_dim, d), (shd.HEADS, shd.HEAD_DIM, shd.COND_EMBED),
+                   fan_in_axes=(0, 1))
+    return jnp.einsum("blhk,hkd->bld", out_blhk, w_hkd)
 
 
 class _FeedForward(nn.Module):

@@ -1,7 +1,7 @@
 """Hugging Face MusicGen / MusicGen-Melody checkpoints -> our config and LM parameter tree.
 
-`config_from_hf` maps a `save_pretrained` config.json (+ generation_config.json) onto the structure of
-configs/musicgen.py; `lm_params_from_hf` converts the decoder weights with one name table:
+`config_from_hf` maps a `save_pretrained` config.json (+ generation_config.json) onto the sections of
+our config a model directory needs; `lm_params_from_hf` converts the decoder weights with one name table:
 
   HF key ({d} = decoder.model.decoder, per layer i)        ours                       transform
   {d}.embed_tokens.{k}.weight        [card+1, D]           embed_tokens [K, card+1, D]  stack over k
@@ -19,18 +19,21 @@ Linear weights are torch [out, in]; our kernels are [in, out]. Per-layer weights
 """
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import math
-import os
 from typing import Any, Callable, Iterator, Mapping
 
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 from musicgen_jax.interop.common import set_path, take_weight
 from musicgen_jax.lm import LMConfig
+from musicgen_jax.sampling import sampling_defaults
+from musicgen_jax.sharding import DEFAULT_RULES, MESH_AXES
 
 MODEL_TYPES = ("musicgen", "musicgen_melody")
+T5_MAX_LENGTH = 64   # text tokens per prompt of an imported T5 conditioner (static shapes)
 _NORMS = ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm")
 _PROJS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -56,21 +59,25 @@ def _plain(d: Mapping[str, Any]) -> dict:
 
 
 def _base_config() -> ml_collections.ConfigDict:
-  """configs/musicgen.py:small, imported from the repository next to this package."""
-  try:
-    from configs.musicgen import get_config
-  except ImportError:  # run from another directory: load the file by path
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "musicgen.py")
-    spec = importlib.util.spec_from_file_location("_musicgen_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    get_config = module.get_config
-  return get_config("small")
+  """The sections a model directory's config holds, from the package's own defaults (LMConfig, the
+  sampling section, the sharding rules); `config_from_hf` fills them from config.json. The package never
+  reads configs/ (that directory builds on the package, not the other way round)."""
+  c = ml_collections.ConfigDict()
+  c.variant = ""
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(LMConfig()))
+  c.pattern = ml_collections.ConfigDict(dict(name="delay", delays=config_dict.placeholder(tuple)))
+  c.text = ml_collections.ConfigDict(dict(kind="t5", max_length=T5_MAX_LENGTH, tokenizer=""))
+  c.codec = ml_collections.ConfigDict()
+  c.sampling = ml_collections.ConfigDict(sampling_defaults())
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=MESH_AXES))
+  c.logical_axis_rules = [list(r) for r in DEFAULT_RULES]
+  return c
 
 
 def config_from_hf(hf: Mapping[str, Any],
                    generation_config: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """A config in the structure of configs/musicgen.py for a HF MusicGen(-Melody) config.json dict.
+  """Our model-directory config (model, pattern, text, codec, sampling, mesh, rules) for a HF
+  MusicGen(-Melody) config.json dict.
 
   Model shape from hf['decoder'], text = T5 (hf['text_encoder'] kept as config.text.t5), codec = EnCodec
   (hf['audio_encoder'] kept as config.codec.encodec), sampling defaults from generation_config.json.
@@ -116,19 +123,20 @@ def config_from_hf(hf: Mapping[str, Any],
     c.pattern.delays = tuple(k // 2 for k in range(num_codebooks))
   c.pattern.name = "delay"
 
-  c.text.update(kind="t5", dim=c.model.text_dim, num_layers=int(text.get("num_layers", 1)),
-                num_heads=int(text.get("num_heads", 1)), tokenizer="")
+  c.text.update(dim=c.model.text_dim, num_layers=int(text.get("num_layers", 1)),
+                num_heads=int(text.get("num_heads", 1)))
   c.text.t5 = ml_collections.ConfigDict(_plain(text))
 
   ratios = _get(codec, "audio_encoder", "upsampling_ratios")
   sample_rate = int(_get(codec, "audio_encoder", "sampling_rate"))
-  c.codec.update(sample_rate=sample_rate, frame_rate=math.ceil(sample_rate / math.prod(ratios)),
-                 channels=channels * int(codec.get("audio_channels", 1)))
+  c.codec = ml_collections.ConfigDict(dict(
+      sample_rate=sample_rate, frame_rate=math.ceil(sample_rate / math.prod(ratios)),
+      channels=channels * int(codec.get("audio_channels", 1))))
   c.codec.encodec = ml_collections.ConfigDict(_plain(codec))
 
   g = generation_config or {}
   if g.get("guidance_scale") is not None:
-    c.sampling.cfg = float(g["guidance_scale"])
+    c.sampling.cfg_coef = float(g["guidance_scale"])
   if g.get("top_k") is not None:
     c.sampling.top_k = int(g["top_k"])
   if g.get("top_p") is not None and float(g["top_p"]) < 1.0:

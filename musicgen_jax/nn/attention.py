@@ -1,13 +1,11 @@
-"""Multi-head attention with an explicit key/value cache.
+"""The attention core every model here uses, and the LM's multi-head attention module.
 
-Self-attention in the decoder runs in two regimes with one code path:
-  * full sequence (training, uncached reference): keys are the chunk itself, causally masked;
-  * cached decoding (prefill of a chunk, then one step at a time): keys are the cache entries before
-    `pos` plus the chunk itself. The new keys/values are *returned*, not written: the caller writes all
-    layers' new entries into the cache with one dynamic_update_slice after the layer scan, so the scan never
-    copies the cache.
-Cross-attention keys and values of the conditioning are computed once and passed in.
-Softmax is always computed in float32.
+`attend` is the one implementation of softmax(q k^T + bias, masked) v in this package. It serves
+  * the LM's full forward (causal self-attention, cross-attention to the text condition),
+  * the LM's decode step (musicgen_jax/lm_decode.py: keys and values read from the head-major KV cache),
+  * the T5 encoder (unscaled scores plus a relative position bias) and the learned text encoder.
+Masks are boolean (True = attend); masked scores are set to MASK_VALUE. Scores and softmax are float32
+whatever the compute dtype.
 """
 from __future__ import annotations
 
@@ -19,43 +17,44 @@ from flax import linen as nn
 
 from musicgen_jax import sharding as shd
 
-_NEG = -1e30  # finite, so fully masked rows give a uniform (not NaN) distribution, as the reference does
+# Finite, so a fully masked row (a null text condition) gives a uniform distribution, not NaN, as the
+# reference implementations do.
+MASK_VALUE = -1e30
 
 
-def dot_attention(q_bnhd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
-                  mask_bns: jax.Array | None) -> jax.Array:
-  """softmax(q k^T + mask) v with q already scaled. mask is bool [B or 1, N, S] (True = attend).
+def attend(q_bqhd: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+           bias: jax.Array | None = None, kv_heads_first: bool = False) -> jax.Array:
+  """softmax(q k^T + bias, masked) v over the key axis; q is already scaled.
 
-  Returns [B, N, H, D] in the dtype of v.
+  q [B, Q, H, D]; k, v [B, K, H, D], or [B, H, K, D] with `kv_heads_first` (the KV-cache layout, read
+  without a transpose). mask: bool, broadcastable to [B, H, Q, K]; bias: float32, broadcastable to
+  [B, H, Q, K] (added before masking). Returns [B, Q, H, D] in the dtype of v.
   """
-  logits = jnp.einsum("bnhd,bshd->bhns", q_bnhd, k_bshd, preferred_element_type=jnp.float32)
-  if mask_bns is not None:
-    logits = jnp.where(mask_bns[:, None], logits, _NEG)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_bshd.dtype)
-  return jnp.einsum("bhns,bshd->bnhd", probs, v_bshd)
+  kv = "bhkd" if kv_heads_first else "bkhd"
+  logits = jnp.einsum(f"bqhd,{kv}->bhqk", q_bqhd, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum(f"bhqk,{kv}->bqhd", probs, v)
 
 
-def cached_dot_attention(q_bnhd, k_new_bnhd, v_new_bnhd, k_cache_bhsd, v_cache_bhsd, pos,
-                         key_mask_bs: jax.Array | None = None) -> jax.Array:
-  """Attention of N new queries at absolute positions pos..pos+N-1 over the cache (positions < pos)
-  and the new keys (causal within the chunk). The cache is head-major [B, H, S, Dh] so each step reads
-  it without a transpose. `key_mask_bs` masks cache positions (e.g. padded prefix).
+def attend_causal(q_bqhd: jax.Array, k_bkhd: jax.Array, v_bkhd: jax.Array) -> jax.Array:
+  """Causal self-attention over a whole sequence (training, the uncached forward); q already scaled.
+
+  On a GPU in bf16 / fp16 this is cuDNN's fused (flash) attention: the [B, H, N, N] scores are never
+  written to memory, which is what lets 30 s segments (N ~ 1500) train at a useful batch. Elsewhere,
+  and wherever cuDNN refuses the shapes, it is `attend` with a lower-triangular mask.
   """
-  n = q_bnhd.shape[1]
-  s = k_cache_bhsd.shape[2]
-  cache_ok_s = jnp.arange(s) < pos                                  # [S]
-  cache_mask = jnp.broadcast_to(cache_ok_s[None, None, :], (1, n, s))
-  if key_mask_bs is not None:
-    cache_mask = cache_mask & key_mask_bs[:, None, :].astype(bool)
-  causal_nn = jnp.tril(jnp.ones((n, n), bool))[None]
-  logits_c = jnp.einsum("bnhd,bhsd->bhns", q_bnhd, k_cache_bhsd, preferred_element_type=jnp.float32)
-  logits_n = jnp.einsum("bnhd,bshd->bhns", q_bnhd, k_new_bnhd, preferred_element_type=jnp.float32)
-  logits_c = jnp.where(cache_mask[:, None], logits_c, _NEG)
-  logits_n = jnp.where(causal_nn[:, None], logits_n, _NEG)
-  probs = jax.nn.softmax(jnp.concatenate([logits_c, logits_n], axis=-1), axis=-1)
-  probs = probs.astype(v_new_bnhd.dtype)
-  return (jnp.einsum("bhns,bhsd->bnhd", probs[..., :s], v_cache_bhsd)
-          + jnp.einsum("bhns,bshd->bnhd", probs[..., s:], v_new_bnhd))
+  if jax.default_backend() == "gpu" and q_bqhd.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(q_bqhd, k_bkhd, v_bkhd, scale=1.0, is_causal=True,
+                                          implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):
+      pass
+  n, m = q_bqhd.shape[1], k_bkhd.shape[1]
+  return attend(q_bqhd, k_bkhd, v_bkhd, jnp.tril(jnp.ones((n, m), bool), m - n)[None, None])
 
 
 def dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str | None = None,
@@ -69,7 +68,9 @@ def dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str | 
 class Attention(nn.Module):
   """Multi-head attention without biases (q_proj, k_proj, v_proj, out_proj as in MusicGen).
 
-  Kernels are [D, H*Dh] / [H*Dh, D] so that importing a PyTorch Linear weight is a transpose.
+  Kernels are [D, H*Dh] / [H*Dh, D] so that importing a PyTorch Linear weight is a transpose. This is
+  the full-sequence form (training, the uncached reference); lm_decode.py reads the same kernels in its
+  serving layout.
   """
   dim: int
   num_heads: int
@@ -87,28 +88,19 @@ class Attention(nn.Module):
     b, n, _ = x_bnd.shape
     return x_bnd.reshape(b, n, self.num_heads, self.dim // self.num_heads)
 
-  def project_kv(self, src_bld: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values [B, L, H, Dh] of a source sequence [B, L, D]."""
-    return self._heads(self.k_proj(src_bld)), self._heads(self.v_proj(src_bld))
+  def __call__(self, x_bnd: jax.Array, mask_bhnl: jax.Array | str, src_bld: jax.Array | None = None):
+    """x [B, N, D] attends to itself (src None) or to src [B, L, D]; mask bool [B|1, 1, N, L], or
+    "causal" for causal self-attention (see attend_causal).
 
-  def __call__(self, x_bnd: jax.Array, *, kv: tuple[jax.Array, jax.Array] | None = None,
-               mask: jax.Array | None = None, cache: tuple[jax.Array, jax.Array] | None = None,
-               pos: jax.Array | None = None, key_mask: jax.Array | None = None):
-    """Returns (out [B, N, D], (k, v) of x [B, N, H, Dh] when they were projected here, else None).
-
-    self-attention:  kv None; either `mask` [B|1, N, N] (uncached) or `cache` (k, v [B, H, S, Dh]) + `pos`
-                     (+ `key_mask` [B, S] over cache entries).
-    cross-attention: kv = precomputed keys/values of the condition; `mask` [B, 1, L].
+    Returns [B, N, D].
     """
     head_dim = self.dim // self.num_heads
     q = self._heads(self.q_proj(x_bnd)) * jnp.asarray(head_dim ** -0.5, x_bnd.dtype)
-    new_kv = None
-    if kv is None:
-      kv = new_kv = self.project_kv(x_bnd)
-    k, v = kv
-    if cache is not None:
-      out = cached_dot_attention(q, k, v, cache[0], cache[1], pos, key_mask)
+    src = x_bnd if src_bld is None else src_bld
+    k, v = self._heads(self.k_proj(src)), self._heads(self.v_proj(src))
+    if isinstance(mask_bhnl, str):
+      out = attend_causal(q, k, v)
     else:
-      out = dot_attention(q, k, v, mask)
+      out = attend(q, k, v, mask_bhnl)
     b, n = out.shape[:2]
-    return self.out_proj(out.reshape(b, n, self.dim)), new_kv
+    return self.out_proj(out.reshape(b, n, self.dim))

@@ -49,15 +49,11 @@ class BlockConfig:
 
 
 class DecoderLayer(nn.Module):
-  """One block; written as a scan body: (carry x [B, N, D], per-layer xs, broadcast args) -> (x, ys).
+  """One block of the full-sequence forward, written as a scan body over the stacked layers:
+  (carry x [B, N, D], ctx broadcast to every layer) -> (x, None).
 
-  xs (per layer, any may be absent):
-    'cache': (k, v) [B, H, S, Dh]  self-attention cache of this layer (cached decoding)
-    'cross': (k, v) [B, L, H, Dh]  precomputed cross-attention keys/values
-  ctx (broadcast to every layer):
-    'self_mask' [B|1, N, N] (uncached) | 'pos' scalar + optional 'key_mask' [B, S] (cached)
-    'cond' [B, L, D] (cross source when 'cross' is not precomputed), 'cond_mask' [B, 1, L]
-  ys: the self-attention (k, v) [B, N, H, Dh] of this chunk, for the caller to write into the cache.
+  ctx: with cross-attention, 'cond' [B, L, D] and 'cond_mask' bool [B, 1, 1, L]. Self-attention is causal
+  over the whole chunk (attend_causal). The decode step (lm_decode.py) reads the same parameters in a serving layout.
   """
   cfg: BlockConfig
   deterministic: bool = True
@@ -78,27 +74,16 @@ class DecoderLayer(nn.Module):
     h = self.drop(h, deterministic=self.deterministic)
     return nn.with_logical_constraint(x + h.astype(x.dtype), (shd.BATCH, shd.LENGTH, shd.EMBED))
 
-  def __call__(self, x_bnd: jax.Array, xs: dict, ctx: dict):
+  def __call__(self, x_bnd: jax.Array, ctx: dict):
     c = self.cfg
     h = self.self_attn_layer_norm(x_bnd).astype(c.dtype)
-    cache = xs.get("cache")
-    h, new_kv = self.self_attn(h, mask=ctx.get("self_mask"), cache=cache, pos=ctx.get("pos"),
-                               key_mask=ctx.get("key_mask"))
-    x_bnd = self._residual(x_bnd, h)
+    x_bnd = self._residual(x_bnd, self.self_attn(h, "causal"))
     if c.cross_attention:
       h = self.encoder_attn_layer_norm(x_bnd).astype(c.dtype)
-      kv = xs.get("cross")
-      if kv is None:
-        kv = self.encoder_attn.project_kv(ctx["cond"].astype(c.dtype))
-      h, _ = self.encoder_attn(h, kv=kv, mask=ctx["cond_mask"])
+      h = self.encoder_attn(h, ctx["cond_mask"], ctx["cond"].astype(c.dtype))
       x_bnd = self._residual(x_bnd, h)
     h = self.final_layer_norm(x_bnd).astype(c.dtype)
     h = nn.with_logical_constraint(jax.nn.gelu(self.fc1(h), approximate=False),
                                    (shd.BATCH, shd.LENGTH, shd.MLP))
     x_bnd = self._residual(x_bnd, self.fc2(h))
-    return x_bnd, new_kv
-
-  def cross_kv(self, cond_bld: jax.Array, _unused=None):
-    """Scan body computing this layer's cross-attention keys/values of the condition once."""
-    k, v = self.encoder_attn.project_kv(cond_bld.astype(self.cfg.dtype))
-    return cond_bld, (k, v)
+    return x_bnd, None
