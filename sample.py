@@ -1,20 +1,21 @@
 """Generate music from text prompts (and optionally a melody or an audio prompt).
 
-  python sample.py --checkpoint DIR --prompt "lofi hip hop with a mellow piano" --duration 10 --out out/
-  python sample.py --prompt "a tiny random model" --duration 1 --save-tokens out/tokens.npy  # no weights
+  python sample.py --checkpoint DIR --prompt "lofi hip hop with a mellow piano" --duration 10 \
+      --out out/
+  python sample.py --prompt "a tiny random model" --duration 1 --save-tokens out/t.npy  # no weights
 
 Without --checkpoint a randomly initialised model of --config is used (smoke runs, tests).
-All prompts run in one compiled call. Bad input stops with one line before anything compiles.
+All prompts run in one compiled call; compiled programs are kept in a per-user cache, so the next run
+with the same shapes starts at once. Bad input stops with one line before anything is loaded.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from musicgen_jax import cli
+from musicgen_jax import cli, pipeline, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/musicgen.py:tiny",
                                           "Model config, used when --checkpoint is not given.")
@@ -22,19 +23,28 @@ flags.DEFINE_string("checkpoint", None, "Model directory (train.py output or an 
 flags.DEFINE_multi_string("prompt", [], "A text prompt; repeat for several.")
 flags.DEFINE_string("prompts-file", None, "A text file with one prompt per line.")
 flags.DEFINE_float("duration", None, "Seconds of audio per prompt (default: the config's).")
+flags.DEFINE_float("max-duration", 3600.0, "Refuse durations above this many seconds (raise it for "
+                   "longer audio; each window of the model's length takes its own decode).")
 flags.DEFINE_integer("top-k", None, "Sample among the k most likely tokens (1 = greedy).")
 flags.DEFINE_float("top-p", None, "Nucleus sampling mass in [0, 1] (0 = off).")
 flags.DEFINE_float("temperature", None, "Softmax temperature (0 = greedy).")
 flags.DEFINE_float("cfg", None, "Classifier-free guidance coefficient (1 = off).")
 flags.DEFINE_enum("cfg-mode", None, ["batch", "two_pass"], "CFG in one doubled batch or two passes.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_integer("seed", 0, "Random seed, in [0, 2**32).")
 flags.DEFINE_string("out", None, "Directory for one WAV per prompt (tokens .npy without a codec).")
 flags.DEFINE_string("save-tokens", None, "Write the generated codes [B, K, T] to this .npy file.")
+flags.DEFINE_bool("overwrite", False, "Replace output files that already exist.")
 flags.DEFINE_string("melody", None, "Audio file whose chromagram conditions a melody model.")
 flags.DEFINE_string("prompt-audio", None, "Audio file to continue; the output starts with it.")
 flags.DEFINE_float("stride", None, "Long-form: seconds to advance per window (default: half).")
 flags.DEFINE_bool("plot", False, "Also write a spectrogram PNG beside each WAV.")
-flags.DEFINE_bool("progress", True, "Show a progress indication on stderr.")
+flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+flags.DEFINE_enum("dtype", "auto", list(cli.DTYPES), "LM compute dtype: auto = bfloat16 on GPU/TPU, "
+                  "float32 on CPU (weights stay float32).")
+flags.DEFINE_bool("verify", True, "Check the weights' checksums at load (one read of the files).")
+flags.DEFINE_string("compile-cache", None, "JAX compilation cache directory (default: per user, "
+                    "~/.cache/musicgen_jax/jax; '' = off).")
+flags.DEFINE_bool("verbose", False, "Print where the time went (load, compile, generate, codec...).")
 FLAGS = flags.FLAGS
 
 
@@ -43,13 +53,32 @@ def main(argv):
     cli.fail(f"unexpected arguments {argv[1:]}: prompts go in --prompt")
   f = {name: FLAGS[name].value for name in FLAGS}
   with cli.friendly_errors("sample.py"):
-    request = cli.SampleRequest.from_flags(f)        # validates everything cheap first
-    model = cli.load_model(f["checkpoint"], _CONFIG.value)
-    result = cli.run_sample(model, request)
-    for line in cli.write_outputs(model, request, result):
-      print(line)
+    request = cli.SampleRequest.from_flags(f)        # everything cheap, before any model is loaded
+    overrides = cli.config_overrides(FLAGS["config"])
+    if f["checkpoint"]:
+      if FLAGS["config"].present:
+        raise ValueError("--config is not used with --checkpoint (the model directory holds its "
+                         "config): drop it; --config.sampling.* and --config.model.dtype still apply")
+      pipeline.check_overrides(list(overrides))
+    cli.setup_compilation_cache(f["compile-cache"])
+    import jax
+    dtype = cli.resolve_dtype(f["dtype"], overrides, jax.default_backend())
+    devices = jax.local_devices()   # every local device: the batch is split over them
+    mesh = sharding.make_mesh(devices=devices) if len(devices) > 1 else None
+    timings = cli.Timings()
+    try:
+      with timings.phase("load"):
+        model = cli.load_model(f["checkpoint"], _CONFIG.value, overrides=overrides, dtype=dtype,
+                               verify=f["verify"], mesh=mesh)
+      result = cli.run_sample(model, request, timings)
+      for line in cli.write_outputs(model, request, result, timings):
+        print(line)
+      if request.verbose:
+        print(timings.summary(), file=sys.stderr)
+    finally:
+      timings.close()
 
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,16 +1,31 @@
-"""What sample.py does, as library code: validate a request, load a model, generate, write outputs."""
+"""What sample.py does, as library code: parse flags, check a request, load a model, generate, write.
+
+Everything a user can get wrong is checked by `SampleRequest.from_flags` before a model is loaded or
+anything compiles: settings finite and in range, seeds in [0, 2**32), the duration under
+--max-duration, input files present, output paths writable and not already there (unless --overwrite).
+A finished generation is never lost: when writing fails, the tokens go to a fallback file and the
+error says where.
+"""
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
+import math
 import os
 import sys
-from typing import Iterator
+import tempfile
+import time
+from typing import Any, Callable, Iterator
 
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from musicgen_jax import audio as audio_lib, checkpoint, plotting, sampling
+from musicgen_jax import checkpoint, pipeline, sampling
 from musicgen_jax.pipeline import MusicGen
+
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -19,15 +34,106 @@ def fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def _one_line(e: BaseException) -> str:
+  """The last line of an error's message (config_flags puts a traceback before it), without the
+  'SomeError: ' a traceback puts in front."""
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  msg = lines[-1] if lines else type(e).__name__
+  head, sep, rest = msg.partition(": ")
+  return rest if sep and head.endswith(("Error", "Exception")) and " " not in head else msg
+
+
+def _config_flag_names() -> list[str]:
+  names = []
+  for name in list(flags.FLAGS):
+    try:
+      config_flags.get_override_values(flags.FLAGS[name])
+      names.append(name)
+    except TypeError:   # not a config flag
+      continue
+  return names
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl `flags_parser` for sample.py and train.py: a bad flag, config file or config variant is
+  one line and exit 2 (config files are loaded here, not later)."""
+  prog = os.path.basename(argv[0]) if argv else "musicgen"
+  try:
+    rest = flags.FLAGS(argv)
+    for name in _config_flag_names():
+      getattr(flags.FLAGS[name].value, "variant", None)   # a config that failed to load raises
+  except (flags.Error, OSError, ValueError, AttributeError, TypeError) as e:
+    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  return rest
+
+
+def run_main(main: Callable[[list[str]], Any], argv: list[str]) -> int:
+  """Runs a CLI's `main` in this process as `python argv[0] argv[1:]` would (tests, soak).
+
+  Flags are reset to their defaults first (config files re-read with argv's overrides). Returns the
+  exit code.
+  """
+  old_argv, sys.argv = sys.argv, list(argv)
+  try:
+    flags.FLAGS.unparse_flags()
+    for name in _config_flag_names():
+      for stale in [n for n in list(flags.FLAGS) if n.startswith(name + ".")]:
+        delattr(flags.FLAGS, stale)   # an earlier run's overrides point at its config object
+      try:   # re-reads the default config file and defines argv's --config.* override flags
+        flags.FLAGS.set_default(name, ast.literal_eval(flags.FLAGS[name].default_as_str))
+      except Exception:   # noqa: BLE001 -- the same error is reported by parse_flags
+        pass
+    try:
+      main(parse_flags(list(argv)))
+    except SystemExit as e:
+      return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+  finally:
+    sys.argv = old_argv
+
+
 @contextlib.contextmanager
 def friendly_errors(prog: str) -> Iterator[None]:
   """Turns the errors a user can cause into one line and a non-zero exit (no traceback)."""
   try:
     yield
-  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
+  except (ValueError, OSError, checkpoint.CheckpointError) as e:
     msg = " ".join(str(e).split()) or type(e).__name__
     print(f"{prog}: error: {msg}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+# --- the request ------------------------------------------------------------------------------------
+def _finite(name: str, value, low: float = 0.0, what: str = "seconds") -> None:
+  if value is not None and not (value > low and math.isfinite(value)):
+    raise ValueError(f"--{name} must be a finite number of {what} > {low:g}, got {value}")
+
+
+def _check_writable(path: str, flag: str, overwrite: bool, kind: str = "file") -> None:
+  """ValueError unless `path` can be created as a `kind` ('file' or 'dir') by this user."""
+  if os.path.exists(path):
+    if kind == "dir" and not os.path.isdir(path):
+      raise ValueError(f"--{flag} {path} is a file: --{flag} names a directory")
+    if kind == "file" and os.path.isdir(path):
+      raise ValueError(f"--{flag} {path} is a directory: --{flag} names a file")
+    if kind == "file" and not overwrite:
+      raise ValueError(f"--{flag} {path} already exists: pass --overwrite to replace it, or "
+                       "choose another path")
+    if not os.access(path if kind == "dir" else os.path.dirname(os.path.abspath(path)),
+                     os.W_OK | os.X_OK):
+      raise ValueError(f"--{flag} {path} is not writable")
+    return
+  probe = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ValueError(f"--{flag} {path}: {probe} is a file, not a directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f"--{flag} {path}: {probe} is not writable")
 
 
 @dataclasses.dataclass
@@ -43,14 +149,18 @@ class SampleRequest:
   stride: float | None
   plot: bool
   progress: bool
+  overwrite: bool = False
+  max_duration: float = 3600.0
+  verbose: bool = False
 
   @classmethod
   def from_flags(cls, f: dict) -> "SampleRequest":
+    """Checks every flag that can be checked without a model; ValueError (one line) otherwise."""
     prompts = list(f["prompt"])
     if f["prompts-file"]:
       path = f["prompts-file"]
       if not os.path.isfile(path):
-        raise ValueError(f"--prompts-file {path} does not exist")
+        raise ValueError(f"--prompts-file {path} does not exist or is not a file")
       with open(path, encoding="utf-8") as fh:
         prompts += [line.strip() for line in fh if line.strip()]
     if not prompts:
@@ -58,84 +168,276 @@ class SampleRequest:
     settings = {k: f[flag] for k, flag in (("temperature", "temperature"), ("top_k", "top-k"),
                                            ("top_p", "top-p"), ("cfg_coef", "cfg"),
                                            ("cfg_mode", "cfg-mode")) if f[flag] is not None}
-    if f["duration"] is not None and not f["duration"] > 0:
-      raise ValueError(f"--duration must be > 0 seconds, got {f['duration']}")
+    sampling.SamplingSettings.from_config({}, **settings)   # the values, before any model is loaded
+    _finite("max-duration", f["max-duration"])
+    _finite("duration", f["duration"])
+    if f["duration"] is not None and f["duration"] > f["max-duration"]:
+      raise ValueError(f"--duration {f['duration']:g}s is above --max-duration "
+                       f"({f['max-duration']:g}s): pass --max-duration {f['duration']:g} to allow it")
+    _finite("stride", f["stride"])
+    seed = pipeline.check_seed(f["seed"])
     for name in ("melody", "prompt-audio"):
       if f[name] and not os.path.isfile(f[name]):
         raise ValueError(f"--{name} file {f[name]} does not exist")
-    if f["save-tokens"] and not f["save-tokens"].endswith(".npy"):
-      raise ValueError(f"--save-tokens must name a .npy file, got {f['save-tokens']}")
-    if f["stride"] is not None and not f["stride"] > 0:
-      raise ValueError(f"--stride must be > 0 seconds, got {f['stride']}")
-    req = cls(prompts, f["duration"], settings, f["seed"], f["out"], f["save-tokens"], f["melody"],
-              f["prompt-audio"], f["stride"], f["plot"], f["progress"])
-    req.sampling_settings({})  # validate the values early, before any model is loaded
+    if f["save-tokens"]:
+      if not f["save-tokens"].endswith(".npy"):
+        raise ValueError(f"--save-tokens must name a .npy file, got {f['save-tokens']}")
+      _check_writable(f["save-tokens"], "save-tokens", f["overwrite"])
+    req = cls(prompts, f["duration"], settings, seed, f["out"], f["save-tokens"], f["melody"],
+              f["prompt-audio"], f["stride"], f["plot"], f["progress"], f["overwrite"],
+              f["max-duration"], f["verbose"])
+    if req.out:
+      _check_writable(req.out, "out", req.overwrite, kind="dir")
+      for stem in req.stems():
+        for ext in (".wav", ".npy", ".png"):
+          if os.path.exists(stem + ext) and not req.overwrite:
+            raise ValueError(f"{stem + ext} already exists: pass --overwrite to replace it, or "
+                             "choose another --out")
     return req
 
-  def sampling_settings(self, defaults: dict) -> sampling.SamplingSettings:
-    d = {"temperature": defaults.get("temperature", 1.0), "top_k": defaults.get("top_k", 250),
-         "top_p": defaults.get("top_p", 0.0), "cfg_coef": defaults.get("cfg", 3.0),
-         "cfg_mode": defaults.get("cfg_mode", "batch")}
-    d.update(self.settings)
-    return sampling.SamplingSettings(**d)
-
-
-def load_model(checkpoint_dir: str | None, config) -> MusicGen:
-  if checkpoint_dir:
-    return MusicGen.load(checkpoint_dir)
-  print("note: no --checkpoint given: using a randomly initialised model of the config "
-        f"({config.variant}); the output is noise", file=sys.stderr)
-  return MusicGen.random(config)
-
-
-def _progress(step, total):
-  step, total = int(step), int(total)
-  if step % max(1, total // 20) == 0 or step >= total - 2:
-    print(f"\rgenerating: step {step + 1}/{total}", end="" if step < total - 2 else "\n",
-          file=sys.stderr, flush=True)
-
-
-def run_sample(model: MusicGen, req: SampleRequest) -> np.ndarray:
-  """-> codes [B, K, T] for all prompts in one compiled call per window."""
-  settings = req.sampling_settings(model.config.sampling.to_dict())
-  duration = req.duration if req.duration is not None else float(model.config.sampling.duration)
-  prompt = chroma = None
-  if req.prompt_audio:
-    prompt = model.encode_audio_file(req.prompt_audio)
-    prompt = np.repeat(prompt, len(req.prompts), axis=0)
-  if req.melody:
-    chroma = model.melody_chroma_file(req.melody, len(req.prompts))
-  return model.generate_long(req.prompts, duration, settings, seed=req.seed, prompt=prompt,
-                             chroma=chroma, stride=req.stride,
-                             progress=_progress if req.progress else None)
-
-
-def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray) -> list[str]:
-  """Writes tokens / WAVs (/ PNGs); returns one line per file written."""
-  lines = []
-  if req.save_tokens:
-    os.makedirs(os.path.dirname(os.path.abspath(req.save_tokens)), exist_ok=True)
-    np.save(req.save_tokens, codes)
-    lines.append(f"tokens {codes.shape} -> {req.save_tokens}")
-  if req.out:
-    os.makedirs(req.out, exist_ok=True)
-    audio = model.decode(codes)
-    for i, prompt in enumerate(req.prompts):
-      stem = os.path.join(req.out, f"{i:03d}_{_slug(prompt)}")
-      if audio is None:
-        np.save(stem + ".npy", codes[i])
-        lines.append(f"tokens (this model has no codec) -> {stem}.npy")
-        continue
-      audio_lib.write_wav(stem + ".wav", audio[i], model.sample_rate)
-      lines.append(f"{audio.shape[-1] / model.sample_rate:.2f}s -> {stem}.wav")
-      if req.plot:
-        plotting.spectrogram_png(stem + ".png", audio[i], model.sample_rate)
-        lines.append(f"spectrogram -> {stem}.png")
-  if not lines:
-    lines.append(f"generated {codes.shape}; pass --out DIR or --save-tokens FILE.npy to keep it")
-  return lines
+  def stems(self) -> list[str]:
+    """Output paths without extension, one per prompt."""
+    return [os.path.join(self.out, f"{i:03d}_{_slug(p)}") for i, p in enumerate(self.prompts)]
 
 
 def _slug(text: str, n: int = 40) -> str:
   s = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
   return (s[:n] or "prompt")
+
+
+# --- model -------------------------------------------------------------------------------------------
+def config_overrides(flag) -> dict[str, Any]:
+  """{dotted field: value} of the --config.* overrides given on the command line."""
+  return dict(flag.override_values or {})
+
+
+def resolve_dtype(flag_value: str, overrides: dict[str, Any], backend: str) -> str | None:
+  """The LM's compute dtype: --dtype, else --config.model.dtype, else bfloat16 on accelerators and
+  None (the config's, float32) on CPU."""
+  if flag_value != "auto":
+    return flag_value
+  if "model.dtype" in overrides:
+    return overrides["model.dtype"]
+  return "bfloat16" if backend != "cpu" else "float32"
+
+
+def setup_compilation_cache(directory: str | None) -> str | None:
+  """Turns on JAX's persistent compilation cache in `directory` (default: a per-user cache directory,
+  or $JAX_COMPILATION_CACHE_DIR); '' turns it off. A second run with the same shapes loads its
+  compiled programs instead of compiling again. Returns the directory used."""
+  import jax
+  if directory == "":
+    return None
+  directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+      "musicgen_jax", "jax")
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    print(f"note: no compilation cache ({directory}: {e.strerror})", file=sys.stderr)
+    return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return directory
+
+
+def load_model(checkpoint_dir: str | None, config, *, overrides: dict[str, Any] | None = None,
+               dtype: str | None = None, verify: bool = True, mesh=None) -> MusicGen:
+  """The model of --checkpoint (overrides: sampling settings and dtype only) or a random one of
+  --config (no --checkpoint; smoke runs)."""
+  overrides = dict(overrides or {})
+  if dtype:
+    overrides["model.dtype"] = dtype
+  if checkpoint_dir:
+    return MusicGen.load(checkpoint_dir, verify=verify, overrides=overrides, mesh=mesh)
+  pipeline.pattern_from_config(config)   # a bad pattern fails before anything is printed
+  print("note: no --checkpoint given: using a randomly initialised model of the config "
+        f"({config.variant}); the output is noise", file=sys.stderr)
+  config = pipeline.apply_overrides(config, {k: v for k, v in overrides.items() if k == "model.dtype"})
+  model = MusicGen.random(config)
+  model.mesh = mesh
+  return model
+
+
+# --- timing and progress --------------------------------------------------------------------------
+class Timings:
+  """Wall time per phase (load, generate, codec, write), with JAX's compile time (tracing, lowering,
+  XLA compile or persistent-cache load) counted apart from the phase it happened in."""
+
+  _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                     "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                     "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self, listen: bool = True):
+    import jax
+    self.phases: dict[str, float] = {}
+    self.compile = 0.0
+    self.cache_hits = self.cache_misses = 0
+    self.listening = listen
+    if listen:   # JAX's listeners are process-wide: close() removes them
+      jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+      jax.monitoring.register_event_listener(self._on_event)
+
+  def _on_duration(self, event: str, duration: float, **_) -> None:
+    if event in self._COMPILE_EVENTS:
+      self.compile += duration
+
+  def _on_event(self, event: str, **_) -> None:
+    self.cache_hits += event == "/jax/compilation_cache/cache_hits"
+    self.cache_misses += event == "/jax/compilation_cache/cache_misses"
+
+  @contextlib.contextmanager
+  def phase(self, name: str) -> Iterator[None]:
+    t0, c0 = time.perf_counter(), self.compile
+    try:
+      yield
+    finally:
+      self.phases[name] = self.phases.get(name, 0.0) + (time.perf_counter() - t0) - (self.compile - c0)
+
+  def close(self) -> None:
+    import jax
+    if self.listening:
+      self.listening = False
+      jax.monitoring.unregister_event_duration_listener(self._on_duration)
+      jax.monitoring.unregister_event_listener(self._on_event)
+
+  def summary(self) -> str:
+    parts = [f"{k} {v:.2f}s" for k, v in self.phases.items()]
+    parts.append(f"compile {self.compile:.2f}s (persistent cache: {self.cache_hits} hits, "
+                 f"{self.cache_misses} misses)")
+    return "time: " + ", ".join(parts)
+
+
+class Progress:
+  """A tqdm bar over the decode steps of every window (the sampler reports between its compiled
+  chunks), and the time estimate of a long-form run once its first window is done."""
+
+  def __init__(self, windows: int, enabled: bool, timings: Timings):
+    self.windows, self.enabled, self.timings = windows, enabled, timings
+    self.window, self.last, self.bar = 0, -1, None
+    self.t0, self.c0 = time.perf_counter(), timings.compile
+
+  def __call__(self, done, steps) -> None:
+    done, steps = int(done), int(steps)
+    if done < self.last:            # a new window started
+      self.window += 1
+    self.last = done
+    if self.bar is None and self.enabled:
+      from tqdm import tqdm
+      self.bar = tqdm(total=self.windows * steps, desc="generating", unit="step", file=sys.stderr,
+                      dynamic_ncols=True, mininterval=0.5)
+    if self.bar is not None and self.window * steps + done > self.bar.n:
+      self.bar.update(self.window * steps + done - self.bar.n)
+    if done == steps and self.window == 0 and self.windows > 2:
+      self._estimate()
+
+  def _estimate(self) -> None:
+    spent = time.perf_counter() - self.t0 - (self.timings.compile - self.c0)
+    left = spent * (self.windows - 1)
+    line = (f"note: first window decoded in {spent:.1f}s (compile excluded): about "
+            f"{_human(left)} for the {self.windows - 1} windows left")
+    if self.bar is not None:
+      self.bar.write(line, file=sys.stderr)
+    else:
+      print(line, file=sys.stderr)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _human(seconds: float) -> str:
+  if seconds < 120:
+    return f"{seconds:.0f}s"
+  if seconds < 7200:
+    return f"{seconds / 60:.0f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+# --- generating and writing -------------------------------------------------------------------------
+def run_sample(model: MusicGen, req: SampleRequest, timings: Timings | None = None) -> np.ndarray:
+  """-> codes [B, K, T] for all prompts (one compiled call per window shape)."""
+  timings = timings or Timings(listen=False)
+  settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict(), **req.settings)
+  duration = req.duration if req.duration is not None else float(model.config.sampling.duration)
+  if duration > req.max_duration:
+    raise ValueError(f"the duration {duration:g}s (the model's default) is above --max-duration "
+                     f"({req.max_duration:g}s): pass --duration or a larger --max-duration")
+  prompt = chroma = None
+  with timings.phase("codec"):
+    if req.prompt_audio:
+      prompt = np.repeat(model.encode_audio_file(req.prompt_audio), len(req.prompts), axis=0)
+    if req.melody:
+      chroma = model.melody_chroma_file(req.melody, len(req.prompts))
+  windows, window, stride = model.long_form_plan(duration, req.stride)
+  if windows > 1:
+    print(f"note: {duration:g}s is longer than this model's window ({window:.2f}s): {windows} "
+          f"windows, each adding {stride:.2f}s; an estimate of the time follows the first window",
+          file=sys.stderr)
+  progress = Progress(windows, req.progress, timings)
+  callback = progress if (req.progress or windows > 2) else None   # None: one compiled call
+  try:
+    with timings.phase("generate"):
+      return model.generate_long(req.prompts, duration, settings, seed=req.seed, prompt=prompt,
+                                 chroma=chroma, stride=req.stride, progress=callback)
+  finally:
+    progress.close()
+
+
+def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
+                  timings: Timings | None = None) -> list[str]:
+  """Writes tokens / WAVs (/ PNGs); returns one line per file written.
+
+  If anything fails after generation, the tokens are saved to a fallback file first and the error
+  (one line) says where, so a finished generation is never lost.
+  """
+  from musicgen_jax import audio as audio_lib, plotting   # scipy: seconds to import, only for WAVs
+  timings = timings or Timings(listen=False)
+  lines: list[str] = []
+  try:
+    if req.save_tokens:
+      with timings.phase("write"):
+        os.makedirs(os.path.dirname(os.path.abspath(req.save_tokens)), exist_ok=True)
+        np.save(req.save_tokens, codes)
+      lines.append(f"tokens {codes.shape} -> {req.save_tokens}")
+    if req.out:
+      os.makedirs(req.out, exist_ok=True)
+      with timings.phase("codec"):
+        audio = model.decode(codes)
+      with timings.phase("write"):
+        for i, stem in enumerate(req.stems()):
+          if audio is None:
+            np.save(stem + ".npy", codes[i])
+            lines.append(f"tokens (this model has no codec) -> {stem}.npy")
+            continue
+          audio_lib.write_wav(stem + ".wav", audio[i], model.sample_rate)
+          lines.append(f"{audio.shape[-1] / model.sample_rate:.2f}s -> {stem}.wav")
+          if req.plot:
+            plotting.spectrogram_png(stem + ".png", audio[i], model.sample_rate)
+            lines.append(f"spectrogram -> {stem}.png")
+  except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- rescue the tokens, then report
+    near = os.path.dirname(os.path.abspath(req.save_tokens or os.path.join(req.out or ".", "x")))
+    rescue = _rescue_tokens(codes, [near, os.getcwd(), tempfile.gettempdir()])
+    for line in lines:
+      print(line)
+    what = " ".join(str(e).split()) or type(e).__name__
+    raise OSError(f"writing the outputs failed ({what}); the generated tokens {codes.shape} were "
+                  f"saved to {rescue}" if rescue else f"writing the outputs failed ({what}) and the "
+                  "tokens could not be saved anywhere") from None
+  if not lines:
+    lines.append(f"generated {codes.shape}; pass --out DIR or --save-tokens FILE.npy to keep it")
+  return lines
+
+
+def _rescue_tokens(codes: np.ndarray, folders: list[str]) -> str | None:
+  """Saves codes to a new file in the first of `folders` that takes it; its path or None."""
+  name = f"musicgen-tokens-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.npy"
+  for folder in folders:
+    try:
+      path = os.path.join(folder, name)
+      np.save(path, codes)
+      return path
+    except OSError:
+      continue
+  return None

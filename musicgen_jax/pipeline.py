@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -20,6 +21,48 @@ from musicgen_jax.conditioners.text import LearnedTextConditioner
 from musicgen_jax.conditioners.tokenizer import TextTokenizer
 
 PATTERN_OPTIONS = ("delays", "flattening", "group_by")
+SEED_LIMIT = 2**32   # jax.random.key keeps 32 bits: larger seeds would alias smaller ones
+
+
+def check_seed(seed) -> int:
+  """The seed as an int; ValueError unless it is an integer in [0, 2**32)."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
+    raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+  return int(seed)
+
+
+# Config fields a command line may change on a loaded model: they do not touch the weights' shapes.
+SAMPLING_OVERRIDES = ("sampling.", "model.dtype")
+
+
+def check_overrides(names: Sequence[str]) -> None:
+  """ValueError naming the config fields (dotted) that cannot change a loaded model."""
+  refused = [n for n in names if not any(n == o or (o.endswith(".") and n.startswith(o))
+                                         for o in SAMPLING_OVERRIDES)]
+  if refused:
+    fields = ", ".join(f"--config.{n}" for n in refused)
+    raise ValueError(f"{fields} cannot change a loaded checkpoint (the model directory fixes its "
+                     "shape and training); only --config.sampling.* and --config.model.dtype apply")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]):
+  """A copy of `config` with {dotted field: value} set; ValueError for fields check_overrides refuses."""
+  check_overrides(list(overrides))
+  config = ml_collections.ConfigDict(config.to_dict())
+  for name, value in overrides.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def window_seed(seed: int, window: int) -> int:
+  """The seed of long-form window `window` (0: `seed` itself): distinct per (seed, window), in range."""
+  if window == 0:
+    return seed
+  return int(np.random.SeedSequence([seed, window]).generate_state(1)[0])
 
 
 def _ceil_frames(duration: float, frame_rate: float) -> int:
@@ -69,34 +112,62 @@ class MusicGen:
   params: dict[str, Any]            # {'lm', 'text', ['codec']}, unboxed
   text: Any                         # a TextConditioner
   codec: Any = None                 # an EncodecModel or None
+  mesh: jax.sharding.Mesh | None = None   # sample across these devices (None: the default device)
 
   def __post_init__(self):
     self.lm_cfg = lm_lib.LMConfig.from_dict(self.config.model)
     self.pattern = pattern_from_config(self.config)
     self._encode_text = jax.jit(self.text.encode)
+    if self.codec is not None:
+      self._codec_decode = jax.jit(self.codec.decode)
+      self._codec_encode = jax.jit(self.codec.encode, static_argnums=2)
 
   # --- construction -----------------------------------------------------------------------------
   @classmethod
   def random(cls, config: ml_collections.ConfigDict, seed: int = 0) -> "MusicGen":
-    """A randomly initialised model (tests, smoke runs)."""
+    """A model with random weights (tests, smoke runs): N(0, 0.02) noise, LayerNorms at identity.
+
+    The shapes come from tracing the initialisers (jax.eval_shape), the values from numpy: nothing is
+    compiled.
+    """
     lm_cfg = lm_lib.LMConfig.from_dict(config.model)
     pattern_from_config(config)  # fail on a bad pattern before anything is initialised
     text = text_conditioner_from_config(config)
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    params = {"lm": nn.unbox(lm_lib.init_params(lm_cfg, k1))["params"],
+
+    def init(key):
+      k1, k2 = jax.random.split(key)
+      return {"lm": nn.unbox(lm_lib.init_params(lm_cfg, k1))["params"],
               "text": nn.unbox(text.init(k2))}
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+      name = "/".join(str(getattr(p, "key", p)) for p in path)
+      if "norm" in name and name.endswith(("scale", "weight")):
+        return np.ones(leaf.shape, leaf.dtype)
+      if name.endswith("bias"):
+        return np.zeros(leaf.shape, leaf.dtype)
+      return (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+    params = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init, jax.random.key(0)))
     return cls(config, params, text, codec_from_config(config))
 
   @classmethod
-  def load(cls, directory: str) -> "MusicGen":
-    """From a model directory (export, import or training run); CheckpointError if unusable."""
-    config, params = checkpoint.load_model(directory)
+  def load(cls, directory: str, verify: bool = True, overrides: dict[str, Any] | None = None,
+           mesh: jax.sharding.Mesh | None = None) -> "MusicGen":
+    """From a model directory (export, import or training run); CheckpointError if unusable or
+    damaged (`verify=False` checks file sizes but not checksums). `overrides` ({'sampling.top_k': 50,
+    'model.dtype': 'bfloat16'}) change the loaded config where that cannot break the weights. The
+    weights go straight to the devices (replicated over `mesh` when given)."""
+    check_overrides(list(overrides or {}))
+    sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    config, params = checkpoint.load_model(directory, verify=verify, sharding=sharding)
+    config = apply_overrides(config, overrides or {})
     text = text_conditioner_from_config(config, directory)
-    return cls(config, params, text, codec_from_config(config))
+    return cls(config, params, text, codec_from_config(config), mesh)
 
-  def save(self, directory: str) -> None:
+  def save(self, directory: str, overwrite: bool = False) -> None:
+    """Writes a model directory (an existing one is replaced only with overwrite=True)."""
     checkpoint.save_model(directory, self.config, self.params,
-                          tokenizer_file=self.config.text.get("tokenizer") or None)
+                          tokenizer_file=self.config.text.get("tokenizer") or None, overwrite=overwrite)
 
   # --- geometry ---------------------------------------------------------------------------------
   @property
@@ -123,6 +194,16 @@ class MusicGen:
       t += 1
     return t / self.frame_rate
 
+  def long_form_plan(self, duration: float, stride: float | None = None) -> tuple[int, float, float]:
+    """(windows, window seconds, stride seconds) that generate_long uses for `duration` seconds."""
+    window = self.max_duration()
+    if duration <= window:
+      return 1, duration, duration
+    win = self.frames_for(window)
+    step = int(round((stride if stride is not None else window / 2) * self.frame_rate))
+    total = _ceil_frames(duration, self.frame_rate)
+    return 1 + max(0, -(-(total - win) // max(step, 1))), window, step / self.frame_rate
+
   def frames_for(self, duration: float) -> int:
     """Frames for `duration` seconds; ValueError if <= 0 or beyond the model's positions."""
     if not duration > 0:
@@ -146,9 +227,9 @@ class MusicGen:
       hidden, mask = hidden[:, :n], mask[:, :n]
     melody = None
     if self.lm_cfg.melody:
-      if chroma is None:   # no melody given: the null chroma (silence, first pitch class)
-        chroma = np.zeros((len(texts), self.lm_cfg.chroma_length, self.lm_cfg.num_chroma), np.float32)
-        chroma[..., 0] = 1.0
+      if chroma is None:   # no melody given: the null chroma of the released models
+        from musicgen_jax.conditioners import melody as melody_lib
+        chroma = melody_lib.null_chroma(len(texts), self.lm_cfg.chroma_length, self.lm_cfg.num_chroma)
       # Tiled / cut to chroma_length frames, as the reference does with a shorter or longer melody.
       melody = jnp.asarray(self.melody_window(np.asarray(chroma), 0.0), jnp.float32)
     return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody)
@@ -158,6 +239,7 @@ class MusicGen:
                prompt: np.ndarray | None = None, chroma: np.ndarray | None = None,
                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """-> codes int32 [B, K, T] for T = ceil(duration * frame_rate)."""
+    seed = check_seed(seed)
     frames = self.frames_for(duration)
     if prompt is not None and prompt.shape[-1] > frames:
       raise ValueError(f"the prompt has {prompt.shape[-1]} frames, more than the {frames} requested: "
@@ -165,7 +247,8 @@ class MusicGen:
     conds = self.conditions(texts, chroma)
     codes = sampling.generate({"params": self.params["lm"]}, self.lm_cfg, self.pattern, conds, frames,
                               seed=seed, settings=settings,
-                              prompt=None if prompt is None else jnp.asarray(prompt), progress=progress)
+                              prompt=None if prompt is None else jnp.asarray(prompt), progress=progress,
+                              **({} if self.mesh is None else {"mesh": self.mesh, "rules": self._rules}))
     return np.asarray(codes)
 
   # --- long-form ----------------------------------------------------------------------------------
@@ -179,31 +262,37 @@ class MusicGen:
     Each further window keeps the last (window - stride) seconds as its prompt and adds `stride`
     seconds (default half a window); the melody chroma [B, F, 12] (at its own frame rate) is re-indexed
     to each window's start. Every window after the first has the same shapes: one more compilation.
+    An audio prompt [B, K, P] that fills the window is cut to its last (window - stride) seconds, with
+    a warning; the output starts with the part kept.
     """
-    if not duration > 0:
-      raise ValueError(f"duration must be > 0 seconds, got {duration}")
+    if not (duration > 0 and math.isfinite(duration)):
+      raise ValueError(f"duration must be a finite number of seconds > 0, got {duration}")
+    seed = check_seed(seed)
     window = self.max_duration()
     total = _ceil_frames(duration, self.frame_rate)
     melody = lambda t0: None if chroma is None else self.melody_window(chroma, t0)
     if duration <= window:
       return self.generate(texts, duration, settings, seed, prompt, melody(0.0), progress)
     win = self.frames_for(window)
+    if stride is not None and not (stride > 0 and math.isfinite(stride)):
+      raise ValueError(f"stride must be a finite number of seconds > 0, got {stride}")
     step = int(round((stride if stride is not None else window / 2) * self.frame_rate))
     if not 0 < step < win:
       raise ValueError(f"stride must be between 0 and the window ({window:.2f}s), got {stride}")
     keep = win - step
-    first_prompt = None if prompt is None else prompt[..., :win]
-    codes = self.generate(texts, window, settings, seed, first_prompt, melody(0.0), progress)
+    if prompt is not None and prompt.shape[-1] >= win:
+      print(f"warning: the audio prompt ({prompt.shape[-1] / self.frame_rate:.2f}s) fills this "
+            f"model's window ({window:.2f}s): only its last {keep / self.frame_rate:.2f}s are kept "
+            "and continued", file=sys.stderr)
+      prompt = prompt[..., -keep:]
+    codes = self.generate(texts, window, settings, seed, prompt, melody(0.0), progress)
     i = 0
-    while codes.shape[-1] < total:
+    while codes.shape[-1] < total:      # each window adds `step` > 0 frames
       i += 1
       start = codes.shape[-1] - keep
-      ctx = codes[..., start:]
-      if prompt is not None and prompt.shape[-1] > start + keep:   # an audio prompt longer than a window
-        ctx = prompt[..., start:start + win]
-      new = self.generate(texts, window, settings, seed + i, ctx, melody(start / self.frame_rate),
-                          progress)
-      codes = np.concatenate([codes[..., :start + ctx.shape[-1]], new[..., ctx.shape[-1]:]], axis=-1)
+      new = self.generate(texts, window, settings, window_seed(seed, i), codes[..., start:],
+                          melody(start / self.frame_rate), progress)
+      codes = np.concatenate([codes, new[..., keep:]], axis=-1)
     return codes[..., :total]
 
   # --- audio in and out ---------------------------------------------------------------------------
@@ -228,7 +317,7 @@ class MusicGen:
     streams = self._codec_streams
     wav = audio_lib.to_channels(wav, streams * self.codec.channels)
     n_q = self.lm_cfg.num_codebooks // streams
-    encode = lambda x: np.asarray(self.codec.encode(self.params["codec"], jnp.asarray(x[None]), n_q))
+    encode = lambda x: np.asarray(self._codec_encode(self.params["codec"], jnp.asarray(x[None]), n_q))
     if streams == 1:
       return encode(wav)
     left, right = encode(wav[0:1]), encode(wav[1:2])   # the mono codec per channel
@@ -244,9 +333,7 @@ class MusicGen:
       raise ValueError("--melody was given but this model is not melody-conditioned")
     wav, sr = audio_lib.read_audio(path)
     frames = melody_lib.num_chroma_frames(int(round(wav.shape[-1] * self.sample_rate / sr)))
-    chroma = melody_lib.melody_condition(wav, sr, max(frames, 1), self.sample_rate)
-    if not chroma.any():  # silent: the null chroma of the released models
-      chroma[:, 0] = 1.0
+    chroma = melody_lib.melody_condition(wav, sr, max(frames, 1), self.sample_rate)  # silence: null
     return np.repeat(chroma[None], batch, axis=0)
 
   def melody_window(self, chroma: np.ndarray, t0: float) -> np.ndarray:
@@ -257,12 +344,41 @@ class MusicGen:
     reps = -(-self.lm_cfg.chroma_length // rolled.shape[1])
     return np.tile(rolled, (1, reps, 1))[:, :self.lm_cfg.chroma_length]
 
-  def decode(self, codes: np.ndarray) -> np.ndarray | None:
-    """Codes [B, K, T] -> audio float32 [B, C, N] through the codec, or None without one."""
+  @property
+  def _rules(self):
+    from musicgen_jax import sharding
+    rules = self.config.get("logical_axis_rules")
+    return None if rules is None else sharding.rules_from_config(rules)
+
+  def decode(self, codes: np.ndarray, chunk_seconds: float = 30.0,
+             context_seconds: float = 2.0) -> np.ndarray | None:
+    """Codes [B, K, T] -> audio float32 [B, C, N] through the codec, or None without one.
+
+    Audio up to `chunk_seconds` is decoded in one call, as the reference does. Longer audio is decoded
+    in chunks of that length (one compiled shape, bounded memory), each with `context_seconds` of codes
+    on both sides that are decoded and dropped: the decoder's LSTM and convolutions see what came
+    before, so the seams match a whole decode closely (not bit for bit).
+    """
     if self.codec is None:
       return None
-    if self._codec_streams == 2:
-      left = self.codec.decode(self.params["codec"], jnp.asarray(codes[:, 0::2]))
-      right = self.codec.decode(self.params["codec"], jnp.asarray(codes[:, 1::2]))
-      return np.concatenate([np.asarray(left), np.asarray(right)], axis=1)
-    return np.asarray(self.codec.decode(self.params["codec"], jnp.asarray(codes)))
+    streams = [codes[:, 0::2], codes[:, 1::2]] if self._codec_streams == 2 else [codes]
+    out = [self._decode_chunked(np.asarray(c), chunk_seconds, context_seconds) for c in streams]
+    return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
+
+  def _decode_chunked(self, codes_bkt: np.ndarray, chunk_seconds: float,
+                      context_seconds: float) -> np.ndarray:
+    decode = lambda c: np.asarray(self._codec_decode(self.params["codec"], jnp.asarray(c)))
+    total = codes_bkt.shape[-1]
+    length = max(1, int(round(chunk_seconds * self.frame_rate)))
+    ctx = min(int(round(context_seconds * self.frame_rate)), (length - 1) // 2)
+    if total <= length:
+      return decode(codes_bkt)
+    hop = self.codec.config.hop_length
+    core = length - 2 * ctx                 # frames each chunk contributes
+    pieces = []
+    for a in range(0, total, core):
+      b = min(a + core, total)
+      start = min(max(a - ctx, 0), total - length)
+      audio = decode(codes_bkt[..., start:start + length])   # [B, C, length * hop]
+      pieces.append(audio[..., (a - start) * hop:(b - start) * hop])
+    return np.concatenate(pieces, axis=-1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.musicgen import get_config
-from musicgen_jax import checkpoint, sampling
+from musicgen_jax import checkpoint, cli, sampling
 from musicgen_jax.pipeline import MusicGen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,16 +43,29 @@ def test_train_resumes(trained):
   assert checkpoint.latest_train_step(trained) == 6
 
 
-def test_sample_from_training_run(trained, tmp_path):
+@pytest.fixture
+def sample(monkeypatch, capsys):
+  """run(*args) -> (exit code, stdout, stderr) of sample.py, in this process (cli.run_main)."""
+  monkeypatch.chdir(ROOT)
+  import sample as sample_py
+
+  def run_sample(*args):
+    rc = cli.run_main(sample_py.main, ["sample.py", "--compile-cache=", "--noprogress", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+  return run_sample
+
+
+def test_sample_from_training_run(trained, tmp_path, sample):
   tokens = tmp_path / "tokens.npy"
-  r = run("sample.py", "--checkpoint", trained, "--prompt", "a melody in C at 60 bpm", "--prompt",
-          "a melody in G at 120 bpm", "--duration", "0.4", "--top-k", "1", "--cfg", "3",
-          "--save-tokens", str(tokens), "--out", str(tmp_path / "out"))
-  assert r.returncode == 0, r.stderr[-2000:]
+  rc, _, err = sample("--checkpoint", trained, "--prompt", "a melody in C at 60 bpm", "--prompt",
+                      "a melody in G at 120 bpm", "--duration", "0.4", "--top-k", "1", "--cfg", "3",
+                      "--save-tokens", str(tokens), "--out", str(tmp_path / "out"), "--progress")
+  assert rc == 0, err[-2000:]
   codes = np.load(tokens)
   assert codes.shape == (2, 4, 20) and codes.dtype == np.int32
   assert codes.min() >= 0 and codes.max() < get_config("tiny").model.card
-  assert "generating" in r.stderr  # progress indication
+  assert "generating" in err and "100%" in err  # progress bar
   # Greedy sampling through the CLI equals the library on the same checkpoint.
   model = MusicGen.load(trained)
   lib = model.generate(["a melody in C at 60 bpm", "a melody in G at 120 bpm"], 0.4,
@@ -65,31 +78,27 @@ def test_sample_from_training_run(trained, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--top-k", "0"], "top-k must be a positive integer"),
     (["--top-p", "1.5"], "top-p must be in [0, 1]"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--duration", "0"], "--duration must be > 0"),
-    (["--stride", "-1"], "--stride must be > 0"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--duration", "0"], "--duration must be a finite number of seconds > 0"),
+    (["--stride", "-1"], "--stride must be a finite number of seconds > 0"),
     (["--checkpoint", "/nonexistent/model"], "does not exist"),
     (["--config.pattern.name=zigzag"], "zigzag"),
+    (["--prompts-file", "/nonexistent.txt"], "does not exist"),
+    (["--prompt", "y", "extra"], "unexpected arguments"),
 ])
-def test_bad_input_one_line(args, fragment):
-  r = run("sample.py", "--prompt", "x", "--duration", "0.2", *args) if "--duration" not in args else (
-      run("sample.py", "--prompt", "x", *args))
-  assert r.returncode != 0
-  assert fragment in r.stderr, r.stderr
-  assert "Traceback" not in r.stderr
+def test_bad_input_one_line(args, fragment, sample):
+  rc, _, err = sample("--prompt", "x", *args)
+  assert rc == 2
+  assert fragment in err, err
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_no_prompt_and_missing_prompts_file():
-  r = run("sample.py", "--prompts-file", "/nonexistent.txt")
-  assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-  r = run("sample.py")
-  assert r.returncode != 0 and "no prompt" in r.stderr
-
-
-def test_unreadable_checkpoint(tmp_path):
+def test_no_prompt_and_unreadable_checkpoint(sample, tmp_path):
+  rc, _, err = sample()
+  assert rc == 2 and "no prompt" in err
   (tmp_path / checkpoint.CONFIG_FILE).write_text("{not json")
-  r = run("sample.py", "--checkpoint", str(tmp_path), "--prompt", "x")
-  assert r.returncode != 0 and "unreadable" in r.stderr and "Traceback" not in r.stderr
+  rc, _, err = sample("--checkpoint", str(tmp_path), "--prompt", "x")
+  assert rc == 2 and "unreadable" in err and "Traceback" not in err
 
 
 def test_export_roundtrip_and_long_form(tmp_path):
@@ -100,12 +109,11 @@ def test_export_roundtrip_and_long_form(tmp_path):
   model.save(str(tmp_path / "m"))
   loaded = MusicGen.load(str(tmp_path / "m"))
   s = sampling.SamplingSettings(top_k=1)
-  a = model.generate(["x"], 0.3, s)
-  np.testing.assert_array_equal(a, loaded.generate(["x"], 0.3, s))
   window = model.max_duration()
   assert window < 1.0
-  long = model.generate_long(["x"], 2.0, s, stride=window / 2)
+  first = model.generate(["x"], window, s)
+  np.testing.assert_array_equal(first, loaded.generate(["x"], window, s))
+  long = loaded.generate_long(["x"], 2.0, s, stride=window / 2)
   assert long.shape == (1, 4, 100)
   # The first window is an ordinary generation; each later window continues the previous one.
-  first = model.generate(["x"], window, s)
   np.testing.assert_array_equal(long[..., :first.shape[-1]], first)

@@ -28,6 +28,7 @@ class TextTokenizer:
     # None for the byte-level fallback.
     self._tok = tokenizer
     self.pad_id = int(pad_id)
+    self._warned = False   # truncation is reported once per tokenizer, not at every batch
 
   @classmethod
   def from_file(cls, path: Union[str, os.PathLike, None] = None) -> "TextTokenizer":
@@ -95,8 +96,12 @@ class TextTokenizer:
       raise ValueError(f"max_length must be >= 1, got {max_length}")
     encoded = [self._encode_one(t, max_length) for t in texts]
     n_cut = sum(cut for _, cut in encoded)
-    if n_cut:
-      _log.warning("truncated %d of %d texts to max_length=%d tokens", n_cut, len(texts), max_length)
+    if n_cut and not self._warned:
+      self._warned = True
+      first = next(t for t, (_, cut) in zip(texts, encoded) if cut)
+      _log.warning("truncated %d of %d texts to max_length=%d tokens (e.g. %r); raise "
+                   "config.text.max_length to keep whole prompts. Further truncations by this "
+                   "tokenizer are not reported", n_cut, len(texts), max_length, first[:60])
     length = max_length if max_length is not None else max(max(len(ids) for ids, _ in encoded), 1)
     ids_bl = np.full((len(texts), length), self.pad_id, np.int32)
     mask_bl = np.zeros((len(texts), length), np.int32)
