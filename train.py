@@ -1,9 +1,15 @@
 """Train the MusicGen LM: `python train.py --config configs/musicgen.py:tiny --workdir runs/tiny`.
 
-Resumes from the latest checkpoint in --workdir. The work directory is also a model directory:
-`python sample.py --checkpoint runs/tiny ...` generates from its latest step.
+Resumes from the newest complete checkpoint in --workdir; SIGTERM / Ctrl-C save and stop (run the same
+command to continue). The work directory is also a model directory: `python sample.py --checkpoint
+runs/tiny ...` generates from its latest step. Your own music:
+
+  python train.py --config configs/musicgen.py:small --workdir runs/mine \
+      --config.data.kind=manifest --config.data.manifest=songs.jsonl --config.init_from=models/small
 """
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -12,17 +18,35 @@ from musicgen_jax import cli
 from musicgen_jax.training import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/musicgen.py:tiny", "Training config.")
-flags.DEFINE_string("workdir", "runs/tiny", "Where checkpoints and the config are written.")
+flags.DEFINE_string("workdir", "runs/tiny", "Where checkpoints, metrics and the config are written.")
 FLAGS = flags.FLAGS
+
+# Architecture fields that come from --config.init_from's model directory when it is given.
+_ARCHITECTURE = ("--config.model.", "--config.text.", "--config.pattern.", "--config.codec.")
+_NUMERICS = ("--config.model.dtype", "--config.model.dropout", "--config.model.remat")
 
 
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
+  config = _CONFIG.value
+  overridden = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(_ARCHITECTURE)
+                and not a.startswith(_NUMERICS)]
+  if config.init_from and overridden:
+    cli.fail(f"{', '.join(overridden)} cannot be combined with --config.init_from: the architecture "
+             f"comes from {config.init_from}; only model.dtype, model.dropout and model.remat may change")
   with cli.friendly_errors("train.py"):
-    loop.train(_CONFIG.value, FLAGS.workdir)
+    try:
+      loop.train(config, FLAGS.workdir)
+    except loop.Stopped as e:
+      print(f"train.py: {e}", file=sys.stderr)
+      sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+      print("train.py: interrupted before training started; nothing was saved (caches resume)",
+            file=sys.stderr)
+      sys.exit(130)
 
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)   # bad flags or config: one line, exit 2

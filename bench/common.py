@@ -115,3 +115,19 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
   with open(path, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)
     f.write("\n")
+
+
+# Dense bf16 peak FLOP/s per chip, by device_kind substring (vendor datasheets; sparse figures excluded).
+_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+              ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12))
+
+
+def peak_flops(device_kind: str | None = None) -> float | None:
+  """Peak dense bf16 FLOP/s of one device (the first local JAX device by default); None if unknown."""
+  if device_kind is None:
+    import jax
+    device_kind = getattr(jax.devices()[0], "device_kind", "")
+  for name, flops in _PEAK_BF16:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None

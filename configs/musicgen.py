@@ -9,6 +9,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict, config_dict
 
 from musicgen_jax import sharding
+from musicgen_jax.sampling import sampling_defaults
 
 #                 dim  layers heads
 _SIZES = {"small": (1024, 24, 16), "medium": (1536, 48, 24), "large": (2048, 48, 32)}
@@ -36,16 +37,39 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # Codec geometry (the EnCodec weights come with an imported checkpoint).
   c.codec = ConfigDict(dict(sample_rate=32000, frame_rate=50, channels=1))
 
-  c.sampling = ConfigDict(dict(duration=10.0, top_k=250, top_p=0.0, temperature=1.0, cfg=3.0,
-                               cfg_mode="batch"))
+  # Sampling: SamplingSettings' defaults (their one home; these fields override them) + the duration.
+  c.sampling = ConfigDict(sampling_defaults(duration=10.0))
 
+  # Optimisation (audiocraft's MusicGen recipe: AdamW 0.9 / 0.95, weight decay 0.1, warmup then cosine,
+  # clipping 1.0). batch_size is the GLOBAL batch of one micro-step; grad_accum micro-steps make one
+  # update. freeze: regular expressions over parameter paths ('lm/embed_tokens') that do not train.
   c.train = ConfigDict(dict(
       seed=0, batch_size=32, num_steps=100_000, learning_rate=1e-4, warmup_steps=2000,
-      weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, cond_dropout=0.2, segment_seconds=30.0,
-      log_every=100, checkpoint_every=1000, keep_checkpoints=3))
-  c.data = ConfigDict(dict(kind="synthetic", num_examples=1024))
+      weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, grad_accum=1, ema_decay=0.0, freeze=(),
+      cond_dropout=0.2, segment_seconds=30.0, log_every=100, eval_every=1000, eval_batches=0,
+      checkpoint_every=1000, keep_checkpoints=3, keep_best=True, async_checkpoints=True,
+      checksums=True, progress=True))
+  # Data: 'synthetic' (token data for tests and benchmarks), 'manifest' (your audio files, described
+  # by a JSONL manifest), 'corpus' (the music21 corpus rendered to audio). Caches live in cache_dir
+  # (default <workdir>/data); codec is the model directory whose codec makes the token cache
+  # (default: init_from's). The token cache encodes windows of encode_seconds (0: twice
+  # train.segment_seconds), items_per_shard audio files per shard file. corpus: the corpus preset
+  # ("tiny" | "full", data/corpus.py) rendered under cache_dir.
+  c.data = ConfigDict(dict(
+      kind="synthetic", manifest="", valid_manifest="", valid_fraction=0.05, codec="", cache_dir="",
+      num_workers=0, prefetch=2, min_seconds=1.0, encode_batch_size=8, encode_seconds=0.0,
+      items_per_shard=64, num_examples=1024, corpus="full"))
+  # Fine-tuning: a model directory (converted Hugging Face checkpoint or one of ours) to start from. Its
+  # architecture (model, text, pattern, codec) is used; dtype, dropout and remat stay this config's.
+  c.init_from = ""
+  # Multi-host: explicit coordinator, or `auto` detection of TPU pods, SLURM and Open MPI jobs.
+  c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1, auto=True,
+                                  timeout_seconds=300))
 
-  c.mesh = ConfigDict(dict(shape=(-1, 1, 1), axes=sharding.MESH_AXES))
+  # Mesh (data, fsdp, tensor), one -1 filled from the device count. dcn_shape: the mesh across slices
+  # (multi-slice TPU / multi-host GPU); then shape is per slice.
+  c.mesh = ConfigDict(dict(shape=(-1, 1, 1), axes=sharding.MESH_AXES,
+                           dcn_shape=config_dict.placeholder(tuple)))
   c.logical_axis_rules = [list(r) for r in sharding.DEFAULT_RULES]
 
   if variant in _SIZES:
@@ -63,10 +87,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
   elif variant in ("tiny", "tiny_melody"):
     c.model.update(num_codebooks=4, card=64, dim=32, num_layers=2, num_heads=2, ffn_dim=128,
                    text_dim=24, max_positions=1500, chroma_length=16)
-    c.text.update(dim=24, num_layers=1, num_heads=2, max_length=16)
+    c.text.update(dim=24, num_layers=1, num_heads=2, max_length=64)   # bytes: ~60-character prompts
     c.sampling.update(duration=1.0, top_k=16)
     c.train.update(batch_size=8, num_steps=20, learning_rate=3e-3, warmup_steps=5,
-                   segment_seconds=1.0, log_every=5, checkpoint_every=10)
+                   segment_seconds=1.0, log_every=5, checkpoint_every=10, eval_every=10,
+                   eval_batches=2)
     c.data.num_examples = 64
     if variant == "tiny_melody":
       c.model.update(melody=True, text_conditioning="prefix")

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from musicgen_jax import convert, lm as lm_lib, sampling  # noqa: E402
+from musicgen_jax import audio as audio_lib, cli, convert, lm as lm_lib, sampling  # noqa: E402
 from musicgen_jax.interop import musicgen as hf_musicgen  # noqa: E402
 from musicgen_jax.pipeline import MusicGen  # noqa: E402
 
@@ -170,16 +171,26 @@ def test_greedy_generation_matches(converted):
   assert audio.shape == audio_ref.shape and err < 1e-4
 
 
-def test_sample_cli_writes_wavs(converted, tmp_path):
+def test_sample_cli_writes_wavs(converted, tmp_path, monkeypatch, capsys):
   _, _, out_dir = converted
   wav_dir = tmp_path / "wavs"
-  cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--checkpoint", out_dir, "--top-k", "1", "--cfg", "3",
-         "--duration", "0.05", "--out", str(wav_dir), "--noprogress"]
+  monkeypatch.chdir(ROOT)
+  import sample
+  args = ["sample.py", "--compile-cache=", "--checkpoint", out_dir, "--top-k", "1", "--cfg", "3",
+          "--duration", "0.05", "--out", str(wav_dir), "--noprogress"]
   for text in TEXTS:
-    cmd += ["--prompt", text]
-  res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert res.returncode == 0, res.stderr[-2000:]
-  assert len([n for n in os.listdir(wav_dir) if n.endswith(".wav")]) == len(TEXTS)
+    args += ["--prompt", text]
+  assert cli.run_main(sample.main, args) == 0, capsys.readouterr().err[-2000:]
+  wavs = sorted(n for n in os.listdir(wav_dir) if n.endswith(".wav"))
+  assert len(wavs) == len(TEXTS)
+  ours = MusicGen.load(out_dir)
+  if ours.lm_cfg.melody:
+    return                                   # the content is checked once, below
+  # The WAV holds the decoded greedy generation (16-bit PCM).
+  audio = ours.decode(ours.generate(TEXTS, 0.05, sampling.SamplingSettings(top_k=1, cfg_coef=3.0)))
+  got, sr = audio_lib.read_audio(str(wav_dir / wavs[0]))
+  assert sr == ours.sample_rate and got.shape == audio[0].shape
+  np.testing.assert_allclose(got, np.clip(audio[0], -1, 1), atol=2 / 32768)
 
 
 def test_config_mapping_stereo_and_generation_defaults():
@@ -190,7 +201,7 @@ def test_config_mapping_stereo_and_generation_defaults():
   c = hf_musicgen.config_from_hf(hf, {"guidance_scale": 4.0, "top_k": 100, "do_sample": True})
   assert c.pattern.delays == (0, 0, 1, 1, 2, 2, 3, 3) and c.codec.channels == 2
   assert (c.codec.frame_rate, c.model.dim, c.model.text_dim, c.model.dropout) == (50, 64, 768, 0.0)
-  assert (c.sampling.cfg, c.sampling.top_k, c.text.kind) == (4.0, 100, "t5")
+  assert (c.sampling.cfg_coef, c.sampling.top_k, c.text.kind) == (4.0, 100, "t5")
   with pytest.raises(ValueError, match="config.json: model_type='bark'"):
     hf_musicgen.config_from_hf(dict(hf, model_type="bark"))
 
@@ -234,7 +245,7 @@ def test_convert_errors_are_one_line(converted, case, tmp_path, capsys):
     _edit_weights(bad, lambda sd: sd.update({"decoder.lm_heads.2.weight": np.zeros((CARD, 8), np.float32)}))
     expect = "expected shape (64, 32) from config.json, got (64, 8)"
   else:
-    expect = "is not a directory"
+    expect = "does not exist: pass a local save_pretrained directory"
   assert convert.main([bad, str(tmp_path / "out")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("convert: error:") and expect in err and err.count("\n") == 1, err
@@ -244,3 +255,75 @@ def test_convert_cli_exit_code(tmp_path):
   res = subprocess.run([sys.executable, "-m", "musicgen_jax.convert", str(tmp_path / "nope"), str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert res.returncode == 2 and res.stderr.count("\n") == 1 and "convert: error:" in res.stderr
+
+
+def test_convert_refuses_to_replace_without_overwrite(converted, tmp_path, capsys):   # issue 6 row 8
+  model, hf_dir, out_dir = converted
+  if model.config.model_type != "musicgen":
+    pytest.skip("checked once")
+  out = str(tmp_path / "ours")
+  shutil.copytree(out_dir, out)
+  before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+  assert convert.main([hf_dir, out]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "already exists and is not empty: pass --overwrite" in err
+  assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == before
+  assert convert.main([hf_dir, out, "--overwrite"]) == 0
+  MusicGen.load(out)                                      # complete, verified
+  assert sorted(os.listdir(tmp_path)) == ["ours"]         # nothing left beside it
+
+
+@pytest.mark.parametrize("fill, expect", [(b"\xff", "NaN or inf"), (b"\x7f", "|value| up to")])
+def test_convert_refuses_damaged_weights(converted, tmp_path, capsys, fill, expect):   # issue 6 row 6
+  model, hf_dir, _ = converted
+  if model.config.model_type != "musicgen":
+    pytest.skip("checked once")
+  bad = _copy(hf_dir, str(tmp_path / "bad"))
+  path = os.path.join(bad, "model.safetensors")
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:                            # some bytes of the data overwritten
+    f.seek(size - 4096)
+    f.write(fill * 64)
+  assert convert.main([bad, str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"{path} holds damaged weights" in err and expect in err, err
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_fine_tune_a_converted_model_on_audio_files(converted, tmp_path):
+  """The README's path: convert -> audio files + manifest -> fine-tune (token cache made with the
+  model's own codec; the frozen T5 runs inside the step) -> a work directory that samples to audio."""
+  import soundfile as sf
+  from configs.musicgen import get_config
+  from musicgen_jax import checkpoint
+  from musicgen_jax.training import loop
+  _, _, out_dir = converted
+  source = MusicGen.load(out_dir)
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(4):
+    t = np.arange(int(1.2 * 1600)) / 1600
+    sf.write(tmp_path / f"{i}.wav", (0.3 * np.sin(2 * np.pi * 110 * (i + 1) * t)
+                                     + 0.05 * rng.standard_normal(t.shape)).astype(np.float32), 1600)
+    lines.append(json.dumps({"path": f"{i}.wav", "description": TEXTS[i % 2]}))
+  (tmp_path / "songs.jsonl").write_text("\n".join(lines))
+  c = get_config("tiny")
+  c.init_from = out_dir
+  c.data.update(kind="manifest", manifest=str(tmp_path / "songs.jsonl"), valid_fraction=0.25,
+                min_seconds=0.5)
+  c.train.update(num_steps=2, batch_size=2, segment_seconds=0.3, log_every=1, eval_every=2,
+                 eval_batches=1, checkpoint_every=2, progress=False)
+  workdir = str(tmp_path / "run")
+  metrics = loop.train(c, workdir, out=lambda _: None)
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_loss"])
+  tuned = MusicGen.load(workdir)
+  assert tuned.config.text.kind == "t5" and tuned.codec is not None
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                      tuned.params["text"], source.params["text"])
+  assert all(jax.tree.leaves(same))                                       # T5 stayed frozen
+  assert not np.array_equal(np.asarray(tuned.params["lm"]["lm_heads"]),
+                            np.asarray(source.params["lm"]["lm_heads"]))  # the LM trained
+  codes = tuned.generate(TEXTS[:1], 0.2, sampling.SamplingSettings(top_k=4))
+  audio = tuned.decode(codes)
+  assert audio.shape[0] == 1 and audio.shape[-1] >= 0.2 * 1600 and np.isfinite(audio).all()
+  assert checkpoint.read_config(workdir).init_from == out_dir

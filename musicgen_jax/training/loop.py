@@ -1,85 +1,374 @@
-"""The training loop behind train.py: mesh, input pipeline, model, sharded state, step, checkpoints."""
+"""The generic training loop: work directory, mesh, data, state, compiled step, checkpoints, evaluation.
+
+`train(config, workdir)` runs a task (the LM today; the codec task plugs in the same way) to
+`config.train.num_steps`, resuming from the newest complete checkpoint in `workdir`. It reads top to
+bottom in sections. What it guarantees:
+
+* one writer per work directory (a lock naming the holder); the config is written only once the
+  checkpoint is known to restore, and a config the checkpoint cannot absorb is refused naming the fields;
+* no host sync per step: metrics are summed on the devices and fetched at log intervals only;
+* SIGTERM / SIGINT (and, on multi-host jobs, the cluster's preemption notice) save a checkpoint and stop
+  with one line; a run killed at any moment resumes from its newest complete checkpoint, and in both
+  cases the continued run is bit-identical to an uninterrupted one (state, RNG and data position are all
+  in the checkpoint);
+* a non-finite loss stops the run naming the step; checkpoints are saved only from finite states, so the
+  last good one is never overwritten.
+"""
 from __future__ import annotations
 
-import json
-import logging
+import dataclasses
 import os
+import signal
+import sys
 import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+from flax import linen as nn
 
-from musicgen_jax import checkpoint, sharding
-from musicgen_jax.data.synthetic import SyntheticTokens
-from musicgen_jax.pipeline import pattern_from_config, text_conditioner_from_config
-from musicgen_jax.training.lm_train import Trainer
-
-_log = logging.getLogger(__name__)
+from musicgen_jax import checkpoint, sharding as shd
+from musicgen_jax.training import distributed, metrics as metrics_lib, steps as steps_lib
+from musicgen_jax.training import workdir as workdir_lib
+from musicgen_jax.training.checkpoints import CheckpointStore
 
 
-def _check(config: ml_collections.ConfigDict) -> None:
-  """Fails early, before any compile, on settings that cannot work."""
+
+class Stopped(Exception):
+  """Training stopped early on purpose (a signal or a preemption notice) after saving."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+class NonFiniteLoss(ValueError):
+  """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+# ---- configuration checks (cheap, before anything compiles) ---------------------------------------
+def check_config(config: ml_collections.ConfigDict) -> None:
   t = config.train
-  if t.batch_size < 1 or t.num_steps < 1:
-    raise ValueError(f"train.batch_size and train.num_steps must be >= 1, got {t.batch_size}, "
-                     f"{t.num_steps}")
-  if config.data.kind != "synthetic":
-    raise ValueError(f"data.kind {config.data.kind!r} is not available yet; use 'synthetic'")
-  if config.model.melody:
-    raise ValueError("training melody models needs chroma data, not available with data.kind "
-                     "'synthetic'; use a text variant")
+  for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "grad_accum",
+               "keep_checkpoints"):
+    if not isinstance(t[name], int) or t[name] < 1:
+      raise ValueError(f"train.{name} must be an integer >= 1, got {t[name]!r}")
+  if t.eval_every < 0 or t.eval_batches < 0:
+    raise ValueError("train.eval_every and train.eval_batches must be >= 0 (0 = off / whole split)")
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ValueError(f"train.ema_decay must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
+  if not 0.0 <= t.cond_dropout <= 1.0:
+    raise ValueError(f"train.cond_dropout must be in [0, 1], got {t.cond_dropout}")
+  if not t.learning_rate > 0 or not np.isfinite(t.learning_rate):
+    raise ValueError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
+  if not t.segment_seconds > 0:
+    raise ValueError(f"train.segment_seconds must be > 0, got {t.segment_seconds}")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains for config.train.num_steps (resuming from the latest checkpoint in workdir).
+TASKS = {"lm": "musicgen_jax.training.lm_task:LMTask",
+         "codec": "musicgen_jax.training.codec_task:CodecTask"}
 
-  Returns the last step's metrics as floats.
-  """
-  _check(config)
-  # --- mesh ---
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.train.batch_size % data_ways:
-    raise ValueError(f"train.batch_size {config.train.batch_size} must be divisible by the "
-                     f"{data_ways} data-parallel devices of the mesh {dict(mesh.shape)}")
-  # --- model, pattern, text ---
-  pattern = pattern_from_config(config)
-  text = text_conditioner_from_config(config)
-  trainer = Trainer(config, pattern, text, mesh)
-  frames = int(round(config.train.segment_seconds * config.codec.frame_rate))
-  # --- input pipeline ---
-  data = SyntheticTokens(config.train.seed, config.model.num_codebooks, config.model.card, frames,
-                         config.train.batch_size, config.data.num_examples)
-  # --- state and checkpoints ---
-  checkpoint.write_config(workdir, config)
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), checkpoint.TRAIN_CHECKPOINTS),
-                                  options=options)
-  state = trainer.init_state(config.train.seed)
-  if manager.latest_step() is not None:
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
-    state = restored["state"]
-    data.set_state(restored["data"])
-    _log.warning("resumed from step %d", int(state.step))
-  step_fn = trainer.make_step()
-  metrics = {}
-  t0 = time.time()
-  while int(state.step) < config.train.num_steps:
-    raw = next(data)
-    batch = dict(text.tokenize(raw["texts"]), codes=raw["codes"])
-    state, metrics = step_fn(state, batch)
-    step = int(state.step)
-    if step % config.train.log_every == 0 or step == config.train.num_steps:
-      m = jax.device_get(metrics)
-      print(f"step {step}: loss {float(m['loss']):.4f} grad_norm {float(m['grad_norm']):.3f} "
-            f"ppl/codebook {[round(float(x), 2) for x in m['perplexity']]} ({time.time() - t0:.1f}s)",
-            flush=True)
-    if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 data=ocp.args.JsonSave(data.get_state())))
-  manager.wait_until_finished()
-  manager.close()
-  return {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
+
+def task_class(config: ml_collections.ConfigDict):
+  """The Task class that `config.task` names ('lm' when absent)."""
+  import importlib
+  name = config.get("task", "lm")
+  if name not in TASKS:
+    raise ValueError(f"config.task must be one of {sorted(TASKS)}, got {name!r}")
+  module, cls = TASKS[name].split(":")
+  return getattr(importlib.import_module(module), cls)
+
+
+def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """With `init_from`, the architecture (model shape, text encoder, pattern, codec) is the model
+  directory's; numerics (dtype, dropout, remat) and everything else stay the config's."""
+  if not config.init_from:
+    return config
+  source = checkpoint.read_config(config.init_from)
+  config = ml_collections.ConfigDict(config.to_dict())
+  has_model = "model" in config
+  keep = {k: config.model.get(k) for k in ("dtype", "dropout", "remat")} if has_model else {}
+  sections = ("model", "text", "pattern", "codec") if has_model else ("codec",)
+  for section in sections:
+    if section in source:
+      config[section] = ml_collections.ConfigDict(source[section].to_dict())
+  if has_model:
+    config.model.update(keep)
+    if config.text.kind == "learned":
+      config.model.text_dim = config.text.dim
+  return config
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str, task_factory: Callable | None = None,
+          *, out: Callable[[str], None] | None = None) -> dict:
+  """Trains to config.train.num_steps; returns the last logged (and evaluated) metrics as floats."""
+  out = out or (lambda line: print(line, flush=True))
+  check_config(config)
+  distributed.initialize(config.distributed)
+  workdir = os.path.abspath(workdir)
+  lock = workdir_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  try:
+    return _Run(resolve_init_from(config), workdir, task_factory, out).run()
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+@dataclasses.dataclass
+class _Run:
+  config: ml_collections.ConfigDict
+  workdir: str
+  task_factory: Callable | None
+  out: Callable[[str], None]
+
+  def run(self) -> dict:
+    c, t = self.config, self.config.train
+    primary = jax.process_index() == 0
+    # --- work directory: a checkpoint of another config is refused before anything is written ---
+    stored_path = os.path.join(self.workdir, checkpoint.CONFIG_FILE)
+    if os.path.isfile(stored_path) and os.path.isdir(os.path.join(self.workdir, "checkpoints")):
+      diff = workdir_lib.incompatible_fields(checkpoint.read_config(self.workdir), c)
+      if diff:
+        raise workdir_lib.WorkdirError(
+            f"{self.workdir} holds a run of another configuration ({'; '.join(diff)}): use another "
+            "--workdir, or the same settings to resume")
+    # --- mesh ---
+    mesh = shd.make_mesh(c.mesh.shape, c.mesh.axes, dcn_shape=c.mesh.get("dcn_shape"))
+    rules = shd.rules_from_config(c.logical_axis_rules)
+    ways = shd.data_parallel_size(mesh, rules)
+    if t.batch_size % ways or t.batch_size % jax.process_count():
+      raise ValueError(f"train.batch_size {t.batch_size} must be divisible by the {ways} data-parallel "
+                       f"ways of the mesh {dict(mesh.shape)} and by the {jax.process_count()} processes")
+    # --- task ---
+    text_dir = self.workdir if os.path.isfile(os.path.join(self.workdir, checkpoint.TOKENIZER_FILE)) \
+        else (c.init_from or None)
+    task = (self.task_factory or task_class(c))(c, mesh, text_dir)
+    # --- input pipeline ---
+    pi, pc = jax.process_index(), jax.process_count()
+    summary = task.prepare_data(self.workdir)
+    if primary and summary:
+      self.out(f"data: {summary}")
+    train_iter = task.make_iterator("train", self.workdir)
+    # --- compiled step (shapes only: nothing is allocated yet) ---
+    ts = steps_lib.build_train_step(task, mesh, rules, t.batch_size)
+    state_sh, batch_sh, acc_sh = ts.state_shardings, ts.batch_shardings, ts.acc_sharding
+    # --- state: restored, or initialised directly with its shardings ---
+    store = CheckpointStore(self.workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints,
+                            checksums=t.checksums)
+    restored = store.restore_latest(ts.abstract_state, train_iter)
+    if restored is not None:
+      state, start = restored
+      self.out(f"resumed from step {start} ({os.path.join(store.root, str(start))})")
+    else:
+      start = 0
+      state = self._init_state(task, state_sh)
+    # Only now is the directory known to be this config's: write the config and the model files.
+    if primary:
+      checkpoint.write_config(self.workdir, c)
+      task.write_model_files(self.workdir)
+    # --- the loop ---
+    writer = metrics_lib.MetricWriter(self.workdir, enabled=primary)
+    progress = metrics_lib.Progress(start, t.num_steps, enabled=primary and t.progress,
+                                    out=self.out if primary else (lambda _: None))
+    stop = _StopSignals(install=pc == 1)
+    acc = jax.device_put(ts.zero_acc(), acc_sh)
+    last: dict[str, Any] = {}
+    frames = task.frames * t.batch_size
+    t_log, s_log, cur = time.time(), start, start
+    evaluator = _Evaluator(task, mesh, rules, state_sh, batch_sh, self.workdir)
+    try:
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        while cur < t.num_steps:
+          batch = _global_batch(next(train_iter), batch_sh)
+          state, acc = ts.fn(state, acc, batch)
+          cur += 1
+          progress.update()
+          if cur % t.log_every == 0 or cur == t.num_steps:
+            host = jax.device_get(acc)
+            acc = jax.device_put(ts.zero_acc(), acc_sh)
+            _raise_if_bad(host, store)
+            dt = max(time.time() - t_log, 1e-9)
+            last = _train_metrics(host, (cur - s_log) / dt, frames * (cur - s_log) / dt)
+            t_log, s_log = time.time(), cur
+            writer.write(cur, {f"train/{k}": v for k, v in last.items()})
+            progress.show(loss=last["loss"])
+            progress.write(_line(cur, last))
+          if t.eval_every and (cur % t.eval_every == 0 or cur == t.num_steps):
+            ev = evaluator.run(state, c, t.eval_batches)
+            if ev:
+              writer.write(cur, {f"eval/{k}": v for k, v in ev.items()})
+              progress.write(f"step {cur}: eval " + _summary(ev))
+              last.update({f"eval_{k}": v for k, v in ev.items()})
+              if t.keep_best and primary:
+                evaluator.keep_if_best(cur, ev["loss"], task.export_params(state), c)
+          signum = stop.signum if pc == 1 else (signal.SIGTERM if store.reached_preemption(cur) else 0)
+          if cur % t.checkpoint_every == 0 or cur == t.num_steps or signum:
+            _raise_if_bad(jax.device_get(acc), store)
+            store.save(cur, state, train_iter)
+          if signum:
+            store.wait()
+            name = signal.Signals(signum).name
+            raise Stopped(f"stopped by {name} at step {cur}: checkpoint saved in "
+                          f"{os.path.join(store.root, str(cur))}; run the same command to resume",
+                          128 + signum)
+      store.wait()
+    finally:
+      stop.restore()
+      progress.close()
+      writer.close()
+      store.close()
+    return last
+
+  def _init_state(self, task, state_sh):
+    c = self.config
+    key = jax.random.key(c.train.seed)
+    if not c.init_from:
+      init = jax.jit(lambda r: nn.unbox(task.init_state(r)), out_shardings=state_sh)
+      return init(key)
+    params = load_init_params(c.init_from, task)
+    init = jax.jit(lambda p, r: nn.unbox(task.init_state(r, params=p)), out_shardings=state_sh)
+    return init(params, key)
+
+
+def load_init_params(directory: str, task) -> Any:
+  """The {'lm', 'text'} parameters of a model directory, placed on the devices with the task's
+  shardings (each device gets only its shard); ValueError naming the first mismatching leaf."""
+  if hasattr(task, "load_params"):
+    params = task.load_params(directory)
+  else:
+    _, params = checkpoint.load_model(directory)
+  shardings = task.param_shardings()
+  expected = nn.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
+  params = {k: params[k] for k in expected}
+  flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  flat_p = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  for path, leaf in flat_e.items():
+    name = jax.tree_util.keystr(path)
+    if path not in flat_p:
+      raise ValueError(f"init_from {directory} has no parameter {name}: it is not a model of this shape")
+    if tuple(np.shape(flat_p[path])) != tuple(leaf.shape):
+      raise ValueError(f"init_from {directory}: parameter {name} has shape {np.shape(flat_p[path])}, "
+                       f"this config needs {tuple(leaf.shape)}")
+  return jax.tree.map(
+      lambda x, s, e: jax.make_array_from_callback(e.shape, s, lambda idx: np.asarray(x, e.dtype)[idx]),
+      params, shardings, expected)
+
+
+def _tokenizer_file(workdir: str) -> str | None:
+  path = os.path.join(workdir, checkpoint.TOKENIZER_FILE)
+  return path if os.path.isfile(path) else None
+
+
+def _global_batch(local: dict, shardings: dict) -> dict:
+  """Per-process numpy batches -> global jax.Arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
+          for k in shardings}
+
+
+def _raise_if_bad(acc_host: dict, store: CheckpointStore) -> None:
+  bad = int(acc_host["first_bad"])
+  if bad != steps_lib.NO_BAD_STEP:
+    good = store.steps()
+    where = (f"the last good checkpoint is step {good[-1]} in {store.root} (kept)" if good
+             else "no checkpoint was saved")
+    raise NonFiniteLoss(f"the loss became non-finite at step {bad + 1}; {where}: lower "
+                        "train.learning_rate or check the data, then run again to resume")
+
+
+def _train_metrics(acc_host: dict, steps_per_s: float, frames_per_s: float) -> dict:
+  n = max(int(acc_host["n"]), 1)
+  mean = {k: np.asarray(v) / n for k, v in acc_host["sum"].items()}
+  out = {k: (float(v) if v.ndim == 0 else v.tolist()) for k, v in mean.items()}
+  if "ce_per_codebook" in mean:
+    out["perplexity"] = np.exp(mean["ce_per_codebook"]).tolist()
+  out["steps_per_s"] = steps_per_s
+  out["frames_per_s"] = frames_per_s
+  return out
+
+
+def _summary(m: dict) -> str:
+  """'loss 2.3456 perplexity [..] ...': every number of a metrics dict, rounded."""
+  def fmt(v):
+    return f"{v:.4f}" if isinstance(v, float) else str([round(float(x), 3) for x in v])
+  return " ".join(f"{k} {fmt(v)}" for k, v in m.items() if isinstance(v, (float, list)))
+
+
+def _line(step: int, m: dict) -> str:
+  ppl = [round(float(x), 2) for x in m.get("perplexity", [])]
+  return (f"step {step}: loss {m['loss']:.4f} grad_norm {m.get('grad_norm', float('nan')):.3f} "
+          f"ppl/codebook {ppl} ({m['steps_per_s']:.2f} steps/s)")
+
+
+class _Evaluator:
+  """The held-out pass: summed CE and token counts per codebook over the validation split."""
+
+  def __init__(self, task, mesh, rules, state_sh, batch_sh, workdir: str):
+    self.task, self.mesh, self.batch_sh, self.workdir = task, mesh, batch_sh, workdir
+    self.best = np.inf
+    add = lambda state, sums, batch: jax.tree.map(jnp.add, sums, task.eval_step(state, batch))
+    self._step = jax.jit(add, in_shardings=(state_sh, shd.replicated(mesh), batch_sh),
+                         out_shardings=shd.replicated(mesh), donate_argnums=(1,))
+
+  def run(self, state, config, max_batches: int) -> dict | None:
+    it = self.task.make_iterator("validation", self.workdir, shuffle=False, num_epochs=1)
+    sums = None
+    for i, local in enumerate(it):
+      if max_batches and i >= max_batches:
+        break
+      batch = _global_batch(local, self.batch_sh)
+      if sums is None:
+        shapes = jax.eval_shape(self.task.eval_step, state, batch)
+        sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      sums = self._step(state, sums, batch)
+    if sums is None:
+      return None
+    return self.task.summarize_eval(jax.device_get(sums))
+
+  def keep_if_best(self, step: int, loss: float, params, config) -> None:
+    """Writes <workdir>/best/ (a model directory) when the held-out loss improves."""
+    if not loss < self.best:
+      return
+    self.best = loss
+    import json
+    import shutil
+    best, tmp = os.path.join(self.workdir, "best"), os.path.join(self.workdir, "best.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.save_model(tmp, config, jax.device_get(params),
+                          tokenizer_file=_tokenizer_file(self.workdir), overwrite=True)
+    with open(os.path.join(tmp, "best.json"), "w") as f:
+      json.dump({"step": step, "eval_loss": loss}, f)
+    # The previous best stays whole until the new one is complete.
+    old = best + ".old"
+    if os.path.isdir(best):
+      os.replace(best, old)
+    os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _StopSignals:
+  """SIGTERM / SIGINT set a flag that the loop turns into a save and a clean stop; a second signal
+  of the same kind stops at once."""
+
+  def __init__(self, install: bool):
+    self.signum = 0
+    self._old = {}
+    if install:
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.signum:
+      self.restore()
+      signal.raise_signal(signum)
+      return
+    self.signum = signum
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+          "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+  def restore(self) -> None:
+    for s, old in self._old.items():
+      signal.signal(s, old)
+    self._old = {}

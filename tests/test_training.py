@@ -1,0 +1,288 @@
+"""The training loop and the LM task: exact resume, safe work directories, sharding, accumulation.
+
+References: an uninterrupted run (for interrupted, damaged and partial-save runs), one batch of k * b
+(for k accumulated micro-batches of b), a single-device mesh (for sharded meshes, on 8 fake CPU devices
+in a subprocess).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import PartitionSpec
+
+from configs.musicgen import get_config
+from musicgen_jax import checkpoint, sharding as shd
+from musicgen_jax.data import synthetic
+from musicgen_jax.training import loop, workdir as workdir_lib
+from musicgen_jax.training.lm_task import LMTask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+def tiny(**train) -> "ml_collections.ConfigDict":
+  c = get_config("tiny")
+  c.train.update(dict(num_steps=STEPS, log_every=1, checkpoint_every=2, eval_every=3,
+                      eval_batches=1, keep_checkpoints=5, progress=False), **{})
+  c.train.update(train)
+  c.data.num_examples = 32
+  return c
+
+
+def final_state(workdir: str, step: int = STEPS) -> dict:
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def assert_same_tree(a, b):
+  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert len(la) == len(lb)
+  diff = [jax.tree_util.keystr(p) for (p, x), (_, y) in zip(la, lb)
+          if not np.array_equal(np.asarray(x), np.asarray(y))]
+  assert not diff, f"{len(diff)} of {len(la)} leaves differ, e.g. {diff[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted tiny run of STEPS steps: its work directory and returned metrics."""
+  wd = str(tmp_path_factory.mktemp("uninterrupted"))
+  lines = []
+  metrics = loop.train(tiny(), wd, out=lines.append)
+  return wd, metrics, lines
+
+
+def test_uninterrupted_run_writes_a_model_directory(reference):
+  wd, metrics, _ = reference
+  assert np.isfinite(metrics["loss"]) and len(metrics["perplexity"]) == 4
+  assert "eval_loss" in metrics
+  records = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [r["step"] for r in records if "train/loss" in r] == list(range(1, STEPS + 1))
+  assert any("eval/loss" in r for r in records)
+  assert os.listdir(os.path.join(wd, "tensorboard"))
+  assert sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints"))) == [2, 4, 6]
+  # The work directory and the best-by-eval export are model directories.
+  for d in (wd, os.path.join(wd, "best")):
+    config, params = checkpoint.load_model(d)
+    assert config.model.dim == 32 and "lm" in params
+
+
+def test_sigterm_saves_and_resume_is_bit_identical(reference, tmp_path):
+  wd = str(tmp_path / "run")
+
+  def out(line):
+    if line.startswith("step 3: loss"):
+      os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(loop.Stopped, match="stopped by SIGTERM at step 3: checkpoint saved") as e:
+    loop.train(tiny(), wd, out=out)
+  assert e.value.exit_code == 128 + signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored
+  loop.train(tiny(), wd, out=lambda _: None)
+  assert_same_tree(final_state(wd), final_state(reference[0]))
+
+
+def test_damaged_and_partial_checkpoints_are_skipped(reference, tmp_path):
+  """A checkpoint with overwritten bytes is moved aside, an unfinished save is ignored, the run resumes
+  from the newest good step and ends exactly where the uninterrupted run ends."""
+  wd = str(tmp_path / "run")
+  shutil.copytree(reference[0], wd)
+  ckpts = os.path.join(wd, "checkpoints")
+  shutil.rmtree(os.path.join(ckpts, "6"))                      # as if killed before step 6 was saved
+  victim = max((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(ckpts, "4", "state"))
+                for f in fs), key=os.path.getsize)
+  with open(victim, "r+b") as f:                               # overwrite bytes of step 4
+    f.seek(os.path.getsize(victim) // 2)
+    f.write(b"\xff" * 64)
+  shutil.copytree(os.path.join(ckpts, "2"), os.path.join(ckpts, "5.orbax-checkpoint-tmp-1234"))
+  lines = []
+  loop.train(tiny(), wd, out=lines.append)
+  assert any(l.startswith("resumed from step 2") for l in lines), lines
+  assert len(os.listdir(os.path.join(wd, "damaged"))) == 1
+  assert_same_tree(final_state(wd), final_state(reference[0]))
+
+
+def test_second_run_is_refused_with_the_holder(tmp_path):
+  wd = str(tmp_path)
+  with workdir_lib.WorkdirLock(wd):
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"in use by another training run \(pid "
+                       rf"{os.getpid()} on host"):
+      loop.train(tiny(), wd)
+
+
+def test_other_config_is_refused_and_nothing_is_rewritten(reference):
+  wd = reference[0]
+  before = open(os.path.join(wd, checkpoint.CONFIG_FILE)).read()
+  c = tiny()
+  c.model.dim = 64
+  c.pattern.name = "parallel"
+  with pytest.raises(workdir_lib.WorkdirError, match=r"model\.dim: 32 -> 64.*pattern\.name"):
+    loop.train(c, wd)
+  assert open(os.path.join(wd, checkpoint.CONFIG_FILE)).read() == before
+
+
+class _NanAfter3(LMTask):
+  """A task whose loss turns NaN from the 4th step on (as a diverging run would)."""
+
+  def train_step(self, state, batch):
+    new, m = super().train_step(state, batch)
+    m["loss"] = jnp.where(state.step >= 3, jnp.nan, m["loss"])
+    return new, m
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  wd = str(tmp_path)
+  with pytest.raises(loop.NonFiniteLoss, match="non-finite at step 4; the last good checkpoint is "
+                     "step 2"):
+    loop.train(tiny(), wd, task_factory=_NanAfter3, out=lambda _: None)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2"]
+
+
+def test_fine_tuning_starts_from_a_model_directory_with_frozen_embeddings(tmp_path):
+  from musicgen_jax.pipeline import MusicGen
+  src = MusicGen.random(get_config("tiny"), seed=3)
+  src.save(str(tmp_path / "model"))
+  c = tiny(num_steps=2, eval_every=0, freeze=("lm/embed_tokens",))
+  c.init_from = str(tmp_path / "model")
+  loop.train(c, str(tmp_path / "run"), out=lambda _: None)
+  params = final_state(str(tmp_path / "run"), 2)["params"]
+  np.testing.assert_array_equal(params["lm"]["embed_tokens"], src.params["lm"]["embed_tokens"])
+  moved = np.abs(params["lm"]["lm_heads"] - src.params["lm"]["lm_heads"]).max()
+  assert moved > 0
+  # The starting point really was the model directory: one update of lr <= 3e-3 moves little.
+  assert moved < 0.05
+
+
+def _batch(config, examples: range) -> dict:
+  frames = int(round(config.train.segment_seconds * config.codec.frame_rate))
+  texts, codes = zip(*(synthetic.example(0, i, 4, config.model.card, frames) for i in examples))
+  task = LMTask(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  toks = task.text.tokenize(list(texts))
+  n = len(texts)
+  return {"codes": np.stack(codes), "frame_mask": np.ones((n, frames), bool),
+          "weight": np.ones((n,), np.float32), **toks}
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """4 micro-batches of 2 with grad_accum 4 give the params of batches of 8 (two updates each)."""
+  big = tiny(batch_size=8, cond_dropout=0.0, warmup_steps=1, num_steps=2)
+  small = tiny(batch_size=2, cond_dropout=0.0, warmup_steps=4, num_steps=8, grad_accum=4)
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  results = []
+  for config, batches in ((big, [range(0, 8), range(8, 16)]),
+                          (small, [range(i, i + 2) for i in range(0, 16, 2)])):
+    task = LMTask(config, mesh)
+    state = jax.jit(lambda r: __import__("flax").linen.unbox(task.init_state(r)))(jax.random.key(0))
+    step = jax.jit(task.train_step)
+    for r in batches:
+      state, _ = step(state, _batch(config, r))
+    results.append(state.params)
+  leaves = zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]))
+  err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in leaves)
+  assert err < 2e-6, err
+
+
+_SHARDED = r"""
+import json, os, sys, tempfile
+import jax, numpy as np
+from flax import linen as nn
+import grain.python as grain
+sys.path.insert(0, os.getcwd())
+from tests.test_training import tiny, _batch
+from musicgen_jax import sharding as shd
+from musicgen_jax.training.lm_task import LMTask
+from musicgen_jax.training.checkpoints import CheckpointStore
+
+config = tiny(batch_size=8, cond_dropout=0.0)
+batch = _batch(config, range(8))
+out = {}
+ref = None
+states = {}
+for shape in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]:
+  devices = jax.devices()[:int(np.prod(shape))]
+  mesh = shd.make_mesh(shape, devices=devices)
+  rules = shd.rules_from_config(config.logical_axis_rules)
+  task = LMTask(config, mesh)
+  abstract = jax.eval_shape(task.init_state, jax.random.key(0))
+  sh = shd.logical_sharding(abstract, mesh, rules)
+  bsh = task.batch_shardings(batch)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(lambda r: nn.unbox(task.init_state(r)), out_shardings=sh)(jax.random.key(0))
+    step = jax.jit(task.train_step, in_shardings=(sh, bsh), out_shardings=(sh, None))
+    b = jax.device_put(batch, bsh)
+    for _ in range(2):
+      state, m = step(state, b)
+  params = jax.device_get(state.params)
+  if ref is None:
+    ref = (float(m["loss"]), params)
+  err = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref[1])))
+  out[str(shape)] = {"loss": float(m["loss"]), "param_err": err,
+                     "fc1": str(state.params["lm"]["layers"]["fc1"]["kernel"].sharding.spec)}
+  states[shape] = (state, sh, mesh)
+
+# A checkpoint saved on the (2, 2, 2) mesh restores onto (1, 4, 2).
+with tempfile.TemporaryDirectory() as d:
+  state, _, _ = states[(2, 2, 2)]
+  store = CheckpointStore(d, keep=1, async_save=True)
+  store.save(1, state, iter(grain.MapDataset.range(4)))
+  store.wait()
+  target, sh, mesh = states[(1, 4, 2)]
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, sh)
+  restored, step = CheckpointStore(d, keep=1).restore_latest(abstract, iter(grain.MapDataset.range(4)))
+  same = all(np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)))
+  out["restore"] = {"same": same, "step": step,
+                    "spec": str(restored.params["lm"]["layers"]["fc1"]["kernel"].sharding.spec),
+                    "mesh": dict(restored.params["lm"]["layers"]["fc1"]["kernel"].sharding.mesh.shape)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_sharded_training_matches_one_device_and_restores_across_meshes():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  res = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+  ref = res["(1, 1, 1)"]["loss"]
+  for shape in ("(8, 1, 1)", "(2, 2, 2)", "(1, 4, 2)"):
+    assert abs(res[shape]["loss"] - ref) < 1e-5, res
+    assert res[shape]["param_err"] < 1e-5, res
+  fc1_spec = str(PartitionSpec(None, "fsdp", "tensor"))   # [L, D, ffn]: embed on fsdp, mlp on tensor
+  assert res["(2, 2, 2)"]["fc1"] == fc1_spec
+  assert res["restore"] == {"same": True, "step": 1, "spec": fc1_spec,
+                            "mesh": {"data": 1, "fsdp": 4, "tensor": 2}}, res
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(mesh=(3, -1, 1)), r"mesh shape \[3, -1, 1\] does not divide 1 devices"),
+    (dict(mesh=(2, 1, 1)), r"mesh shape \[2, 1, 1\] needs 2 devices, but 1 are available"),
+    (dict(batch_size=0), r"train.batch_size must be an integer >= 1"),
+    (dict(ema_decay=1.5), r"train.ema_decay must be in \[0, 1\)"),
+    (dict(freeze=("lm/(",)), r"train.freeze pattern 'lm/\(' is not a regular expression"),
+])
+def test_bad_settings_fail_before_anything_is_written(change, match, tmp_path):
+  mesh = change.pop("mesh", None)
+  c = tiny(**change)
+  if mesh:
+    c.mesh.shape = mesh
+  with pytest.raises(ValueError, match=match):
+    loop.train(c, str(tmp_path / "run"), out=lambda _: None)
+  assert not os.path.exists(tmp_path / "run" / checkpoint.CONFIG_FILE)
+
+
+def test_init_from_refuses_architecture_overrides(tmp_path):
+  r = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path), "--config.init_from",
+                      str(tmp_path), "--config.model.dim=64"], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      "error: --config.model.dim cannot be combined with --config.init_from"), r.stderr
