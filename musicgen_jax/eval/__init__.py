@@ -1,0 +1,1 @@
+"""Evaluation: attribute estimators and metrics over generated or rendered audio."""
