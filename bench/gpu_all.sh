@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sampler benchmarks on one GPU (H100 / H200; JAX + CUDA, torch, transformers), within a time budget.
+# The GPU benchmarks of docs/BENCHMARKS.md on one GPU (H100 / H200; JAX + CUDA, torch, transformers),
+# sampler and train step, within a time budget.
 #
-#   bash bench/gpu_sampler.sh            # on the GPU machine; results in $OUT (default runs/gpu_sampler)
-#   bash bench/gpu_sampler.sh --smoke    # the same pieces at tiny shapes, on this CPU (checks the script)
+#   bash bench/gpu_all.sh            # on the GPU machine; results in $OUT (default runs/gpu_all)
+#   bash bench/gpu_all.sh --smoke    # the same pieces at tiny shapes, on this CPU (checks the script)
 #
 # Pieces, in priority order; each has its own time limit and none starts with less than 20 s of the
 # budget left (BUDGET_S, default 360 s of wall time); skipped pieces are listed in summary.txt:
@@ -10,6 +11,8 @@
 #                  installed if present and the modules are missing (e2e_speed needs them, the rest not)
 #   small_b1       sample_speed, small shape (24 x 1024), bf16, batch 1, CFG, 1500 steps: ours vs
 #                  transformers fp32 (its fastest), same run; kernels and bytes copied per step
+#   train_small    train_speed, small shape, 30 s segments, batch 8, bf16: our train step vs
+#                  transformers' decoder step (bf16 autocast, AdamW), steps/s, MFU, peak memory
 #   small_b64      the same at batch 64 (segments chosen by the sampler: 4)
 #   e2e_30s_b1     e2e_speed: text -> WAV, 30 s, batch 1, cold then warm, ours (sample.py) vs transformers
 #   cmdbuf_while   small_b1 ours only, with XLA command buffers for the whole step loop (WHILE, CONDITIONAL)
@@ -21,7 +24,7 @@
 # piece: exit code and seconds.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/gpu_sampler}
+OUT=${OUT:-runs/gpu_all}
 BUDGET_S=${BUDGET_S:-360}
 SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
@@ -55,6 +58,7 @@ if [ "$SMOKE" = 1 ]; then
   SMALL=(--layers 2 --dim 64 --heads 4 --card 64 --top-k 16 --text-dim 32)
   MEDIUM=(--layers 3 --dim 96 --heads 4 --card 64 --top-k 16 --text-dim 32)
   LARGE=(--layers 3 --dim 128 --heads 4 --card 64 --top-k 16 --text-dim 32)
+  TRAIN=(--layers 2 --dim 64 --heads 4 --card 64 --batch 2 --seconds 2 --steps 2 --repeats 2)
   STEPS=24; SHORT=12; B64=4; E2E=(--smoke --durations 1 --batches 1); EXTRA=(--torch-threads 1)
   # The sampler benches must not need what the GPU image lacks (absl comes with flax, which needs it).
   PY=(python -c "import runpy, sys
@@ -64,6 +68,7 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')")
 else
   SMALL=(); MEDIUM=(--layers 48 --dim 1536 --heads 24); LARGE=(--layers 48 --dim 2048 --heads 32)
+  TRAIN=(--size small --batch 8 --seconds 30 --steps 5 --repeats 2)
   STEPS=1500; SHORT=300; B64=64; E2E=(--durations 30 --batches 1 --states warm); EXTRA=()
   PY=(python)
 fi
@@ -73,7 +78,7 @@ SS=(bench/sample_speed.py --dtype bfloat16 --hf-dtype float32)
 env_check() {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   if ! python -c "import ml_collections, absl, soundfile" 2>/dev/null && [ -d .gpu_wheels ]; then
-    python -m pip install -q --no-index --find-links .gpu_wheels ml_collections absl-py soundfile
+    python -m pip install -q --no-index --find-links .gpu_wheels ml_collections absl-py soundfile tqdm
   fi
   python -c "import sys, jax, flax, numpy; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', \
 flax.__version__, jax.devices())"
@@ -85,6 +90,7 @@ flax.__version__, jax.devices())"
 piece env 60 -- bash -c "$(declare -f env_check); env_check"
 piece small_b1 110 -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch 1 --steps $STEPS --repeats 3 \
     --hf-repeats 1 --hlo-stats ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/small_b1.json"
+piece train_small 170 -- python bench/train_speed.py "${TRAIN[@]}" --json "$OUT/train_small.json"
 piece small_b64 150 -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch $B64 --steps $STEPS --repeats 2 \
     --hf-repeats 1 --hlo-stats ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/small_b64.json"
 piece e2e_30s_b1 200 -- python bench/e2e_speed.py "${E2E[@]}" ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/e2e.json"

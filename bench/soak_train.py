@@ -101,6 +101,9 @@ def main():
   p.add_argument("--steps", type=int, default=40)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--timeout", type=float, default=300.0)
+  p.add_argument("--max-delay", type=float, default=0.9,
+                 help="kill after uniform(0.5 s, this x the reference run's seconds): below 1, most "
+                      "attempts are killed and progress comes from checkpoints")
   p.add_argument("--json")
   a = p.parse_args()
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -116,7 +119,7 @@ def main():
     for i in range(a.runs):
       wd = os.path.join(tmp, f"run{i}")
       t0 = time.time()
-      stats = interrupted_run(wd, a.steps, rng, env, a.timeout, max_delay=1.3 * ref_seconds)
+      stats = interrupted_run(wd, a.steps, rng, env, a.timeout, max_delay=a.max_delay * ref_seconds)
       try:
         stats["identical"] = same(final_state(wd, a.steps), reference)
       except Exception as e:  # noqa: BLE001 -- a run that left no final checkpoint is a finding

@@ -176,7 +176,7 @@ def hf(a, c, frames: int) -> dict:
   def block():
     for _ in range(a.steps):
       loss = one()
-    float(loss)   # syncs the device
+    float(loss.detach())   # syncs the device
 
   sec = time_blocks(block, a.repeats) / a.steps
   peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
