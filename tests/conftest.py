@@ -6,8 +6,12 @@ together share them and the jitted full forward of each model.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import os
+import shutil
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -17,6 +21,16 @@ import pytest
 from flax import linen as nn
 
 from musicgen_jax import lm as lm_lib
+
+# One persistent compilation cache for the session and the processes the tests start (JAX reads
+# JAX_COMPILATION_CACHE_DIR): many tests train the same tiny config, and each run builds new jitted
+# closures, so without it every run compiles the same programs again. A fresh directory per session:
+# nothing carries over between sessions.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  _cache = tempfile.mkdtemp(prefix="musicgen_jax_tests_xla_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  jax.config.update("jax_compilation_cache_dir", _cache)
 
 BATCH = 2
 TEXT_LEN = 4

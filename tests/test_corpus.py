@@ -63,6 +63,8 @@ def tiny(tmp_path_factory) -> str:
     mp.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 0)
     root = corpus.prepare(config, cache_root, sample_rate=SR, channels=1, build=True)
   assert corpus.prepare(config, cache_root, sample_rate=SR, channels=1, build=False) == root
+  from musicgen_jax.data import loader   # data.kind=corpus reaches the same corpus
+  assert loader.AUDIO_SOURCES["corpus"](config, cache_root, SR, 1, build=False) == root
   return root
 
 
