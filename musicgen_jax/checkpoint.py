@@ -11,16 +11,18 @@ CheckpointManager); `load_model` takes the parameters of its latest step (verifi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 CONFIG_FILE = "musicgen_config.json"
 PARAMS_DIR = "params"
@@ -135,6 +137,18 @@ def latest_train_step(directory: str) -> int | None:
   return max(steps) if steps else None
 
 
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  """A train step's `state` item has no step-level metadata file of its own, and orbax logs a
+  warning about that on every read of it; the read itself is complete."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
+
+
 def load_model(directory: str, *, verify: bool = True,
                sharding: jax.sharding.Sharding | None = None) -> tuple[ml_collections.ConfigDict,
                                                                        dict[str, Any]]:
@@ -165,7 +179,7 @@ def load_model(directory: str, *, verify: bool = True,
           "cannot be checked for damage", file=sys.stderr)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
       meta = ckptr.metadata(target).item_metadata
       meta = getattr(meta, "tree", meta)
       if step is not None:     # a train state: only its parameters are read
@@ -210,7 +224,7 @@ def load_codec(directory: str):
                           "missing): point data.codec at a model directory written by "
                           "`python -m musicgen_jax.convert` or a codec training run")
   try:
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
       meta = ckptr.metadata(target).item_metadata
       meta = getattr(meta, "tree", meta)
       params_meta = meta["params"] if in_state else meta
