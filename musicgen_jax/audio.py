@@ -9,7 +9,6 @@ import os
 from typing import Union
 
 import numpy as np
-import scipy.signal
 import soundfile as sf
 
 PathLike = Union[str, os.PathLike]
@@ -76,6 +75,7 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
   if sr_in == sr_out:
     return audio
   g = math.gcd(sr_in, sr_out)
+  import scipy.signal   # 1.5 s to import on a small CPU: only when audio is resampled
   out = scipy.signal.resample_poly(audio, sr_out // g, sr_in // g, axis=-1)
   return out.astype(np.float32)
 

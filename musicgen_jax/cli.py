@@ -392,7 +392,7 @@ def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
   If anything fails after generation, the tokens are saved to a fallback file first and the error
   (one line) says where, so a finished generation is never lost.
   """
-  from musicgen_jax import audio as audio_lib, plotting   # scipy: seconds to import, only for WAVs
+  from musicgen_jax import audio as audio_lib
   timings = timings or Timings(listen=False)
   lines: list[str] = []
   try:
@@ -414,6 +414,7 @@ def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
           audio_lib.write_wav(stem + ".wav", audio[i], model.sample_rate)
           lines.append(f"{audio.shape[-1] / model.sample_rate:.2f}s -> {stem}.wav")
           if req.plot:
+            from musicgen_jax import plotting   # scipy.signal: seconds to import
             plotting.spectrogram_png(stem + ".png", audio[i], model.sample_rate)
             lines.append(f"spectrogram -> {stem}.png")
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- rescue the tokens, then report
