@@ -364,6 +364,7 @@ def run_sample(model: MusicGen, req: SampleRequest, timings: Timings | None = No
   if duration > req.max_duration:
     raise ValueError(f"the duration {duration:g}s (the model's default) is above --max-duration "
                      f"({req.max_duration:g}s): pass --duration or a larger --max-duration")
+  model.check_memory(len(req.prompts), duration, settings)   # GPUs / TPUs: before any compile
   prompt = chroma = None
   with timings.phase("codec"):
     if req.prompt_audio:

@@ -109,6 +109,25 @@ def init_caches(cfg: lm_lib.LMConfig, batch: int, length: int) -> Caches:
                for _ in range(cfg.num_layers))
 
 
+def decode_bytes(cfg: lm_lib.LMConfig, num_params: int, rows: int, length: int,
+                 cond_len: int) -> dict[str, int]:
+  """Device bytes that decoding adds to the stored parameters, estimated without compiling.
+
+  rows: sequences in the step (the batch, doubled for CFG in one batch); length: cache positions
+  (prefix + frames + delays); cond_len: cross-attention condition positions. -> {'caches' (the
+  per-layer K/V caches of init_caches), 'cross' (the condition's K/V), 'weights' (the serving copy
+  in the compute dtype), 'logits' (fp32, with their softmax), 'total'}.
+  """
+  item = jnp.dtype(cfg.compute_dtype).itemsize
+  out = {"caches": 2 * cfg.num_layers * rows * length * cfg.num_heads * cfg.head_dim * item,
+         "cross": (2 * cfg.num_layers * rows * cond_len * cfg.num_heads * cfg.head_dim * item
+                   if cfg.text_conditioning == "cross" else 0),
+         "weights": int(num_params) * item,
+         "logits": 2 * rows * cfg.num_codebooks * cfg.card * 4}
+  out["total"] = sum(out.values())
+  return out
+
+
 def grow_caches(caches: Caches, length: int) -> Caches:
   """The caches padded (with zeros, never read) to `length` positions: one copy, between segments."""
   pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))

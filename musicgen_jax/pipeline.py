@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from musicgen_jax import checkpoint, lm as lm_lib, patterns, sampling
+from musicgen_jax import checkpoint, lm as lm_lib, lm_decode, patterns, sampling
 from musicgen_jax.conditioners.text import LearnedTextConditioner
 from musicgen_jax.conditioners.tokenizer import TextTokenizer
 
@@ -104,6 +104,15 @@ def codec_from_config(config: ml_collections.ConfigDict):
     return None
   from musicgen_jax.codec.encodec import EncodecConfig, EncodecModel
   return EncodecModel(EncodecConfig.from_hf_dict(enc.to_dict()))
+
+
+def free_device_bytes() -> int | None:
+  """Free memory of the fullest local device (bytes_limit - bytes_in_use), None when a device
+  reports no statistics (CPUs)."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if any(not st or "bytes_limit" not in st for st in stats):
+    return None
+  return min(int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0)) for st in stats)
 
 
 @dataclasses.dataclass
@@ -250,6 +259,37 @@ class MusicGen:
                               prompt=None if prompt is None else jnp.asarray(prompt), progress=progress,
                               **({} if self.mesh is None else {"mesh": self.mesh, "rules": self._rules}))
     return np.asarray(codes)
+
+  def check_memory(self, batch: int, duration: float,
+                   settings: sampling.SamplingSettings = sampling.SamplingSettings(),
+                   free_bytes: int | None = None) -> dict[str, int] | None:
+    """Refuses, before anything compiles, a batch whose decoding would not fit in device memory:
+    ValueError with the estimated need per device (lm_decode.decode_bytes for one window, the batch
+    split over the mesh's data axes) and the free memory of the fullest local device. Devices that
+    report no memory statistics (CPUs) are not checked. -> the estimate, or None when unchecked."""
+    free_bytes = free_device_bytes() if free_bytes is None else free_bytes
+    if free_bytes is None:
+      return None
+    c = self.lm_cfg
+    frames = self.frames_for(min(duration, self.max_duration()))
+    text_len = int(self.config.text.max_length)
+    rows = batch * (2 if settings.cfg_coef != 1.0 and settings.cfg_mode == "batch" else 1)
+    shards = 1
+    if self.mesh is not None:
+      shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
+    rows = -(-rows // shards)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params["lm"]))
+    need = lm_decode.decode_bytes(c, num_params, rows,
+                                  self.prefix_length(text_len) + self.pattern.num_steps(frames),
+                                  text_len)
+    if need["total"] > free_bytes:
+      gib = lambda b: f"{b / 2**30:.2f} GiB"
+      raise ValueError(
+          f"decoding {batch} prompt(s) of {frames / self.frame_rate:.1f}s needs about "
+          f"{gib(need['total'])} per device (KV caches {gib(need['caches'])}, serving weights "
+          f"{gib(need['weights'])}) but {gib(free_bytes)} is free: use fewer prompts per run, a "
+          "shorter --duration (longer ones run in windows), --cfg-mode two_pass, or more devices")
+    return need
 
   # --- long-form ----------------------------------------------------------------------------------
   def generate_long(self, texts: Sequence[str], duration: float,

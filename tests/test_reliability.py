@@ -451,3 +451,42 @@ def test_training_directory_loads_params_only_and_is_verified(tmp_path):
     f.write(b"\x00\x01")
   with pytest.raises(checkpoint.CheckpointError, match="checksum differs"):
     MusicGen.load(str(work))
+
+
+# --- issue 8, bad input: a batch that does not fit in device memory ----------------------------------
+def test_decode_memory_estimate_matches_the_arrays_it_counts():
+  """decode_bytes against the arrays themselves: init_caches and the serving layout."""
+  from musicgen_jax import lm_decode
+  model = MusicGen.random(get_config("tiny"), seed=3)
+  cfg = model.lm_cfg
+  params = model.params["lm"]
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  est = lm_decode.decode_bytes(cfg, n, rows=6, length=37, cond_len=5)
+  caches = lm_decode.init_caches(cfg, 6, 37)
+  assert est["caches"] == sum(x.nbytes for x in jax.tree.leaves(caches))
+  serving = jax.eval_shape(lambda p: lm_decode.serving_weights(cfg, {"params": p}), params)
+  actual = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(serving))
+  assert abs(est["weights"] - actual) <= 0.05 * actual, (est["weights"], actual)
+  assert est["total"] == sum(v for k, v in est.items() if k != "total")
+
+
+def test_batch_that_does_not_fit_is_one_line_before_compiling(sample, model_dir, tmp_path,
+                                                             monkeypatch):
+  from musicgen_jax import pipeline, sampling as sampling_lib
+  model = MusicGen.random(get_config("tiny"), seed=3)
+  need = model.check_memory(4, 1.0, free_bytes=2**40)["total"]
+  assert model.check_memory(4, 1.0) is None                      # CPUs report no memory statistics
+  with pytest.raises(ValueError, match=r"needs about .* GiB per device .* is free"):
+    model.check_memory(4, 1.0, free_bytes=need - 1)
+  assert model.check_memory(2, 1.0, free_bytes=need - 1)["total"] < need   # fewer prompts fit
+  two_pass = sampling_lib.SamplingSettings(cfg_mode="two_pass")
+  assert model.check_memory(4, 1.0, two_pass, free_bytes=need - 1)["total"] < need
+
+  def refuse(*a, **k):
+    raise AssertionError("compiled before the memory check")
+  monkeypatch.setattr(pipeline, "free_device_bytes", lambda: 1024)
+  monkeypatch.setattr(sampling_lib, "generate", refuse)
+  rc, _, err = sample("--checkpoint", model_dir, "--prompt", "a", "--duration", "0.5",
+                      "--save-tokens", str(tmp_path / "t.npy"))
+  assert rc == 2 and "is free: use fewer prompts" in one_error_line(err)
+  assert not os.path.exists(tmp_path / "t.npy")
