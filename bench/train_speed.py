@@ -189,7 +189,7 @@ def random_token_cache(c, directory: str, items: int = 256, seed: int = 0) -> st
   ArrayRecord shards, done-files and TFDS metadata that token_cache.build_shards/finalize write."""
   from array_record.python import array_record_module
   from tensorflow_datasets.core import example_serializer
-  from musicgen_jax.data import token_cache
+  from musicgen_jax.data import manifest, token_cache
   m = c.model
   frames = 2 * int(round(float(c.train.segment_seconds) * float(c.codec.frame_rate)))
   spec = token_cache.CacheSpec(int(c.codec.sample_rate), int(c.codec.channels), 1,
@@ -218,7 +218,7 @@ def random_token_cache(c, directory: str, items: int = 256, seed: int = 0) -> st
         ex["chroma"] = rng.integers(0, 12, frames // 2).astype(np.uint8)
       writer.write(serializer.serialize_example(feats.encode_example(ex)))
     writer.close()
-    token_cache.write_json(token_cache._done_path(directory, shard),
+    manifest.write_json(token_cache._done_path(directory, shard),
                            {"examples": n, "frames": n * frames, "bytes": os.path.getsize(path)})
   token_cache.finalize(directory, plan, spec)
   return directory

@@ -32,6 +32,24 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   jax.config.update("jax_compilation_cache_dir", _cache)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def sample(monkeypatch, capsys):
+  """run(*args) -> (exit code, stdout, stderr) of sample.py in this process (cli.run_main)."""
+  monkeypatch.chdir(ROOT)
+  import sample as sample_py
+  from musicgen_jax import cli
+
+  def run(*args):
+    # --noprogress: one compiled program per shape, shared by the tests (--progress turns it back on)
+    rc = cli.run_main(sample_py.main, ["sample.py", "--compile-cache=", "--noprogress", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+  return run
+
+
 BATCH = 2
 TEXT_LEN = 4
 CHROMA_LEN = 5

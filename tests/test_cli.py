@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.musicgen import get_config
-from musicgen_jax import checkpoint, cli, sampling
+from musicgen_jax import checkpoint, sampling
 from musicgen_jax.pipeline import MusicGen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,19 +41,6 @@ def test_train_resumes(trained):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "step 5: loss" in r.stdout and "step 1: loss" not in r.stdout
   assert checkpoint.latest_train_step(trained) == 6
-
-
-@pytest.fixture
-def sample(monkeypatch, capsys):
-  """run(*args) -> (exit code, stdout, stderr) of sample.py, in this process (cli.run_main)."""
-  monkeypatch.chdir(ROOT)
-  import sample as sample_py
-
-  def run_sample(*args):
-    rc = cli.run_main(sample_py.main, ["sample.py", "--compile-cache=", "--noprogress", *args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-  return run_sample
 
 
 def test_sample_from_training_run(trained, tmp_path, sample):

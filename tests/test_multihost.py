@@ -10,7 +10,6 @@ import sys
 
 import ml_collections
 import numpy as np
-import pytest
 
 from configs.musicgen import get_config
 from musicgen_jax import checkpoint

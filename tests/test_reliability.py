@@ -5,7 +5,6 @@ Each test names the row of the issue it covers.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -59,20 +58,6 @@ def model_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("model") / "m")
   MusicGen.random(get_config("tiny"), seed=3).save(path)
   return path
-
-
-@pytest.fixture
-def sample(monkeypatch, capsys):
-  """run(*args) -> (exit code, stdout, stderr) of sample.py in this process."""
-  monkeypatch.chdir(ROOT)
-  import sample as sample_py
-
-  def run(*args):
-    # --noprogress: one compiled program per shape, shared by the tests (--progress turns it back on)
-    rc = cli.run_main(sample_py.main, ["sample.py", "--compile-cache=", "--noprogress", *args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-  return run
 
 
 def one_error_line(err: str, prog: str = "sample.py") -> str:

@@ -15,6 +15,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -30,10 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
 
-def tiny(**train) -> "ml_collections.ConfigDict":
+def tiny(**train) -> ml_collections.ConfigDict:
   c = get_config("tiny")
   c.train.update(dict(num_steps=STEPS, log_every=1, checkpoint_every=2, eval_every=3,
-                      eval_batches=1, keep_checkpoints=5, progress=False), **{})
+                      eval_batches=1, keep_checkpoints=5, progress=False))
   c.train.update(train)
   c.data.num_examples = 32
   return c

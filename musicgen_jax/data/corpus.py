@@ -48,12 +48,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from musicgen_jax.data import captions, render, scores, tfds_compat
+from musicgen_jax.data import captions, manifest, render, scores, tfds_compat
 
 _log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
-COUNTS_FILE = "counts.json"
+COUNTS_FILE = manifest.COUNTS_FILE
 SPLITS = ("train", "validation", "test")
 SKIP_REASONS = ("unparsable", "no_notes", "render_failed", "too_short")
 
@@ -238,10 +238,11 @@ def _render_job(job) -> tuple:
 
 
 def features(channels: int) -> tfds.features.FeaturesDict:
+  """manifest.audio_features (what the token cache reads) plus the ground truth."""
   text = tfds.features.Text
+  audio = manifest.audio_features(channels)
   return tfds.features.FeaturesDict({
-      "audio": tfds.features.Tensor(shape=(channels, None), dtype=np.int16, encoding="bytes"),
-      "caption": text(), "metadata": text(),
+      **{name: audio[name] for name in audio.keys()},
       "melody": tfds.features.Tensor(shape=(None,), dtype=np.int16, encoding="bytes"),
       "piece_id": text(), "collection": text(), "key_tonic": text(), "key_mode": text(),
       "meter": text(), "instrument": text(), "family": text(),
@@ -327,13 +328,7 @@ def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def read_counts(root: str) -> dict | None:
-  """counts.json of a complete corpus under `root`, else None."""
-  path = os.path.join(root, COUNTS_FILE)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+read_counts = manifest.read_counts   # the same counts.json, written last
 
 
 def build_corpus(config: CorpusConfig, out_dir: str, workers: int = 1) -> dict:
@@ -372,10 +367,7 @@ def build_corpus(config: CorpusConfig, out_dir: str, workers: int = 1) -> dict:
             "bytes": _dir_bytes(builder.data_dir),
             "build_seconds": round(time.time() - t0, 1) if fresh else None,
             "config": knobs, "format": FORMAT_VERSION}
-  tmp = os.path.join(out_dir, COUNTS_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(counts, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, COUNTS_FILE))
+  manifest.write_json(os.path.join(out_dir, COUNTS_FILE), counts)
   return counts
 
 

@@ -129,7 +129,7 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
       plan = token_cache.make_plan(cache, audio_dir, spec,
                                    int(config.data.get("items_per_shard") or 64))
     else:
-      plan = _wait(lambda: token_cache.read_json(os.path.join(cache, token_cache.PLAN_FILE)),
+      plan = _wait(lambda: manifest_lib.read_json(os.path.join(cache, token_cache.PLAN_FILE)),
                    f"{cache}/plan.json")
     token_cache.build_shards(cache, plan, codec, params, spec,
                              batch_size=int(config.data.encode_batch_size),
@@ -142,9 +142,9 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
       counts = _wait(lambda: token_cache.read_counts(cache), f"{cache}/counts.json")
   pointer = _pointer(config, workdir)
   if primary:
-    token_cache.write_json(pointer, {"cache": cache})
+    manifest_lib.write_json(pointer, {"cache": cache})
   else:   # an older run's pointer may still be there: wait for this one's
-    _wait(lambda: True if (token_cache.read_json(pointer) or {}).get("cache") == cache else None,
+    _wait(lambda: True if (manifest_lib.read_json(pointer) or {}).get("cache") == cache else None,
           f"{pointer} naming {cache}")
   return {"kind": kind, **counts["windows"], "frames": counts["frames"],
           "skipped": audio_counts.get("skipped", {}), "cache": cache}
@@ -361,7 +361,7 @@ def _source(config, split: str, workdir: str):
     seed = int(config.train.seed) + (0 if split == "train" else 1)
     return SyntheticSource(seed, int(config.model.num_codebooks), int(config.model.card), frames,
                            _synthetic_sizes(config)[split])
-  pointer = token_cache.read_json(_pointer(config, workdir))
+  pointer = manifest_lib.read_json(_pointer(config, workdir))
   if pointer is None or token_cache.read_counts(pointer["cache"]) is None:
     raise ValueError(f"no token cache for this config under {_cache_root(config, workdir)}: call "
                      "loader.prepare_data(config, workdir, ...) first")

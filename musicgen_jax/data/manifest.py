@@ -260,13 +260,26 @@ class ManifestAudio(tfds.core.GeneratorBasedBuilder):
       yield i, {"audio": to_int16(wav_cn), "caption": e.caption, "metadata": json.dumps(meta)}
 
 
-def read_counts(root: str) -> dict | None:
-  """The counts of the complete dataset under `root`, or None while it is not complete."""
-  path = os.path.join(root, COUNTS_FILE)
+def write_json(path: str, obj: Any) -> None:
+  """Written to a temporary name and renamed: readers (other processes too) see all of it or
+  nothing."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  """The JSON file at `path`, or None when there is none."""
   if not os.path.isfile(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def read_counts(root: str) -> dict | None:
+  """The counts of the complete dataset under `root`, or None while it is not complete."""
+  return read_json(os.path.join(root, COUNTS_FILE))
 
 
 def dataset_dir(root: str, counts: dict) -> str:
@@ -312,10 +325,7 @@ def build_dataset(manifest: Manifest, root: str, sample_rate: int, channels: int
             "skipped_files": builder.skipped_names}
   if counts["train"] == 0:
     raise ValueError(f"no audio file of the manifest could be decoded ({counts['skipped']})")
-  tmp = os.path.join(root, COUNTS_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(counts, f, indent=1)
-  os.replace(tmp, os.path.join(root, COUNTS_FILE))
+  write_json(os.path.join(root, COUNTS_FILE), counts)
   total = sum(counts["skipped"].values())
   _log.info("audio dataset %s: %d train, %d validation items; %d skipped %s", builder.data_dir,
             counts["train"], counts["validation"], total, counts["skipped"])

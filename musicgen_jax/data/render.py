@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from musicgen_jax.data import scores
+from musicgen_jax.data import manifest, scores
 
 # (GM program 0-based, caption name, GM family, lowest, highest comfortable MIDI pitch)
 INSTRUMENTS = (
@@ -227,7 +227,7 @@ def finish(audio_n: np.ndarray, sample_rate: int, max_seconds: float, silence_db
     raise RenderError("silent rendering")
   loud = np.flatnonzero(np.abs(audio_n) > peak * 10 ** (silence_db / 20))
   audio_n = audio_n[: loud[-1] + 1] * (10 ** (-1 / 20) / peak)
-  return np.clip(np.round(audio_n * 32768.0), -32768, 32767).astype(np.int16)
+  return manifest.to_int16(audio_n)
 
 
 def melody_line(notes: np.ndarray, num_frames: int, frame_rate: float) -> np.ndarray:

@@ -43,7 +43,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -217,21 +217,6 @@ class Encoder:
 
 # --- plan, shards, finalize ----------------------------------------------------------------------
 
-def write_json(path: str, obj: Any) -> None:
-  """Written to a temporary name and renamed: readers see all of it or nothing."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
-def read_json(path: str) -> Any:
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def _template(cache_dir: str, split: str) -> tfds.core.ShardedFileTemplate:
   return tfds.core.ShardedFileTemplate(data_dir=cache_dir, template=FILE_TEMPLATE,
                                        dataset_name=DATASET_NAME, split=split,
@@ -241,7 +226,7 @@ def _template(cache_dir: str, split: str) -> tfds.core.ShardedFileTemplate:
 def make_plan(cache_dir: str, audio_dir: str, spec: CacheSpec, items_per_shard: int = 64) -> dict:
   """Reads or writes plan.json: the shards of each split (audio items [start, end))."""
   path = os.path.join(cache_dir, PLAN_FILE)
-  plan = read_json(path)
+  plan = manifest_lib.read_json(path)
   if plan is not None:
     return plan
   os.makedirs(os.path.join(cache_dir, DONE_DIR), exist_ok=True)
@@ -255,7 +240,7 @@ def make_plan(cache_dir: str, audio_dir: str, spec: CacheSpec, items_per_shard: 
                      "end": min(n, (i + 1) * items_per_shard)})
   plan = {"audio_dir": os.path.abspath(audio_dir), "spec": dataclasses.asdict(spec),
           "shards": shards}
-  write_json(path, plan)
+  manifest_lib.write_json(path, plan)
   return plan
 
 
@@ -290,7 +275,7 @@ def build_shards(cache_dir: str, plan: dict, codec, params, spec: CacheSpec, *, 
     writer.close()
     os.replace(tmp, path)
     frames = int(sum(ex["codes"].shape[-1] for ex in examples))
-    write_json(_done_path(cache_dir, shard), {"examples": len(examples), "frames": frames,
+    manifest_lib.write_json(_done_path(cache_dir, shard), {"examples": len(examples), "frames": frames,
                                                "bytes": os.path.getsize(path)})
     _log.info("token cache: %s shard %d/%d done (%d windows)", shard["split"], shard["index"] + 1,
               shard["count"], len(examples))
@@ -356,7 +341,7 @@ def finalize(cache_dir: str, plan: dict, spec: CacheSpec, audio_counts: dict | N
                      f"(first: {missing[0]['split']} {missing[0]['index']})")
   split_infos, counts = [], {"directory": ".", "windows": {}, "frames": {}, "bytes": 0}
   for split in SPLITS:
-    done = [read_json(_done_path(cache_dir, s)) for s in plan["shards"] if s["split"] == split]
+    done = [manifest_lib.read_json(_done_path(cache_dir, s)) for s in plan["shards"] if s["split"] == split]
     counts["windows"][split] = sum(d["examples"] for d in done)
     counts["frames"][split] = sum(d["frames"] for d in done)
     counts["bytes"] += sum(d["bytes"] for d in done)
@@ -371,10 +356,10 @@ def finalize(cache_dir: str, plan: dict, spec: CacheSpec, audio_counts: dict | N
     os.remove(leftover)
   if audio_counts:
     counts["audio"] = {k: v for k, v in audio_counts.items() if k != "directory"}
-  write_json(os.path.join(cache_dir, COUNTS_FILE), counts)
+  manifest_lib.write_json(os.path.join(cache_dir, COUNTS_FILE), counts)
   return counts
 
 
 def read_counts(cache_dir: str) -> dict | None:
   """counts.json of a complete cache, else None."""
-  return read_json(os.path.join(cache_dir, COUNTS_FILE))
+  return manifest_lib.read_json(os.path.join(cache_dir, COUNTS_FILE))

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import linen as nn
 from jax.sharding import Mesh
 
 from musicgen_jax import checkpoint, lm as lm_lib, sharding as shd

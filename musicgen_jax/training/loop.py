@@ -147,7 +147,7 @@ class _Run:
         else (c.init_from or None)
     task = (self.task_factory or task_class(c))(c, mesh, text_dir)
     # --- input pipeline ---
-    pi, pc = jax.process_index(), jax.process_count()
+    pc = jax.process_count()
     summary = task.prepare_data(self.workdir)
     if primary and summary:
       self.out(f"data: {summary}")
