@@ -4,7 +4,10 @@
       --out out/
   python sample.py --prompt "a tiny random model" --duration 1 --save-tokens out/t.npy  # no weights
 
-Without --checkpoint a randomly initialised model of --config is used (smoke runs, tests).
+  python sample.py --prompt "a cheerful folk dance in A major on flute" --out out.wav  # shipped
+
+Without --checkpoint the model that ships with the repo (models/demo) is used; with --config and no
+--checkpoint, a randomly initialised model of that config (smoke runs, tests).
 All prompts run in one compiled call; compiled programs are kept in a per-user cache, so the next run
 with the same shapes starts at once. Bad input stops with one line before anything is loaded.
 """
@@ -18,8 +21,10 @@ from ml_collections import config_flags
 from musicgen_jax import cli, pipeline, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/musicgen.py:tiny",
-                                          "Model config, used when --checkpoint is not given.")
-flags.DEFINE_string("checkpoint", None, "Model directory (train.py output or an imported checkpoint).")
+                                          "A config for a randomly initialised model (smoke runs); "
+                                          "only without --checkpoint.")
+flags.DEFINE_string("checkpoint", None, "Model directory (train.py output or an imported checkpoint); "
+                    "default: the shipped model, models/demo.")
 flags.DEFINE_multi_string("prompt", [], "A text prompt; repeat for several.")
 flags.DEFINE_string("prompts-file", None, "A text file with one prompt per line.")
 flags.DEFINE_float("duration", None, "Seconds of audio per prompt (default: the config's).")
@@ -31,7 +36,8 @@ flags.DEFINE_float("temperature", None, "Softmax temperature (0 = greedy).")
 flags.DEFINE_float("cfg", None, "Classifier-free guidance coefficient (1 = off).")
 flags.DEFINE_enum("cfg-mode", None, ["batch", "two_pass"], "CFG in one doubled batch or two passes.")
 flags.DEFINE_integer("seed", 0, "Random seed, in [0, 2**32).")
-flags.DEFINE_string("out", None, "Directory for one WAV per prompt (tokens .npy without a codec).")
+flags.DEFINE_string("out", None, "Directory for one WAV per prompt (tokens .npy without a codec), "
+                    "or a FILE.wav for a single prompt.")
 flags.DEFINE_string("save-tokens", None, "Write the generated codes [B, K, T] to this .npy file.")
 flags.DEFINE_bool("overwrite", False, "Replace output files that already exist.")
 flags.DEFINE_string("melody", None, "Audio file whose chromagram conditions a melody model.")
@@ -55,10 +61,13 @@ def main(argv):
   with cli.friendly_errors("sample.py"):
     request = cli.SampleRequest.from_flags(f)        # everything cheap, before any model is loaded
     overrides = cli.config_overrides(FLAGS["config"])
-    if f["checkpoint"]:
-      if FLAGS["config"].present:
-        raise ValueError("--config is not used with --checkpoint (the model directory holds its "
-                         "config): drop it; --config.sampling.* and --config.model.dtype still apply")
+    checkpoint_dir = f["checkpoint"]
+    if checkpoint_dir and FLAGS["config"].present:
+      raise ValueError("--config is not used with --checkpoint (the model directory holds its "
+                       "config): drop it; --config.sampling.* and --config.model.dtype still apply")
+    if not checkpoint_dir and not FLAGS["config"].present:
+      checkpoint_dir = cli.shipped_model()
+    if checkpoint_dir:
       pipeline.check_overrides(list(overrides))
     cli.setup_compilation_cache(f["compile-cache"])
     import jax
@@ -68,7 +77,7 @@ def main(argv):
     timings = cli.Timings()
     try:
       with timings.phase("load"):
-        model = cli.load_model(f["checkpoint"], _CONFIG.value, overrides=overrides, dtype=dtype,
+        model = cli.load_model(checkpoint_dir, _CONFIG.value, overrides=overrides, dtype=dtype,
                                verify=f["verify"], mesh=mesh)
       result = cli.run_sample(model, request, timings)
       for line in cli.write_outputs(model, request, result, timings):

@@ -3,15 +3,15 @@
 Variants:
   tiny       tests and smoke runs (seconds on CPU): 8 kHz, hop 16, 2 codebooks of 64, 4 filters, a
              2-scale discriminator of 4 filters.
-  demo       the codec of the model that ships with the repo: 32 kHz mono, ratios 8, 5, 4, 4 (hop
-             640, 50 Hz frames: the LM's frame rate), 4 codebooks of 1024 (2 kbps), 16 base filters,
-             64-dim latents, one LSTM layer: 2.9M parameters (11.5 MB in float32, 5.8 MB in
-             bfloat16; 1.3M each in encoder and decoder, 1.05M of them in the two LSTMs, 0.26M in
-             the codebooks). Its audio is synthesised General-MIDI renderings of scores, far fewer
-             timbres than the music MusicGen's codec learnt, so a narrow codec suffices; 1024 codes
-             per book keep the LM's embeddings and heads small and each code frequent enough to
-             learn from a small corpus.
-             Measured (H200, jax 0.11.2): 0.32 s per step of 32 x 1 s, 99 s of audio per second.
+  demo       the codec of the model that ships with the repo (configs/demo.py:codec adds its data):
+             32 kHz mono, ratios 8, 5, 4, 4 (hop 640, 50 Hz frames: the LM's frame rate), 4 codebooks
+             of 512 (1.8 kbps), 16 base filters, 64-dim latents, one LSTM layer: 2.8M parameters
+             (1.3M each in encoder and decoder, 1.05M of them in the two LSTMs). Its audio is
+             synthesised General-MIDI renderings of scores, far fewer timbres than the music
+             MusicGen's codec learnt, so a narrow codec suffices. Sized for training on a 2-core CPU:
+             batch 8 x 1 s, no adversarial losses (configs/demo.py says why), dead-code threshold
+             0.25. Measured on that CPU: 0.67 s per step without the discriminator, 15.3 s with it;
+             with it and batch 32 on an H200 (jax 0.11.2): 0.32 s per step.
   encodec32k the released MusicGen codec's geometry (facebook/encodec_32khz): 64 base filters,
              ratios 8, 5, 4, 4, 4 codebooks of 2048 (57.9M parameters), and audiocraft's
              `encodec_musicgen_32khz` recipe.
@@ -85,10 +85,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
   if variant == "encodec32k":
     pass
   elif variant == "demo":
-    encodec.update(num_filters=16, hidden_size=64, num_lstm_layers=1, codebook_size=1024,
-                   target_bandwidths=(2.0,))
-    c.train.update(batch_size=32, num_steps=20_000, eval_every=1000, eval_batches=20,
-                   checkpoint_every=1000)
+    encodec.update(num_filters=16, hidden_size=64, num_lstm_layers=1, codebook_size=512,
+                   target_bandwidths=(1.8,))
+    c.train.update(batch_size=8, num_steps=2400, eval_every=400, eval_batches=8,
+                   checkpoint_every=200, keep_checkpoints=2, log_every=50)
+    c.codec_train.losses.update(adv=0.0, feat=0.0)        # configs/demo.py says why
+    c.codec_train.quantizer.threshold_ema_dead_code = 0.25
     c.codec_train.discriminator.filters = 16
   elif variant == "tiny":
     encodec.update(sampling_rate=8000, num_filters=4, hidden_size=16, upsampling_ratios=(4, 4),

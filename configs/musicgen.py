@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # (default <workdir>/data); codec is the model directory whose codec makes the token cache
   # (default: init_from's). The token cache encodes windows of encode_seconds (0: twice
   # train.segment_seconds), items_per_shard audio files per shard file. corpus: the corpus preset
-  # ("tiny" | "full", data/corpus.py) rendered under cache_dir.
+  # ("tiny" | "demo" | "full", data/corpus.py) rendered under cache_dir.
   c.data = ConfigDict(dict(
       kind="synthetic", manifest="", valid_manifest="", valid_fraction=0.05, codec="", cache_dir="",
       num_workers=0, prefetch=2, min_seconds=1.0, encode_batch_size=8, encode_seconds=0.0,

@@ -187,7 +187,10 @@ class SampleRequest:
               f["prompt-audio"], f["stride"], f["plot"], f["progress"], f["overwrite"],
               f["max-duration"], f["verbose"])
     if req.out:
-      _check_writable(req.out, "out", req.overwrite, kind="dir")
+      if req.single_file and len(prompts) != 1:
+        raise ValueError(f"--out {req.out} names one WAV file but there are {len(prompts)} prompts: "
+                         "give one prompt, or a directory as --out for one WAV per prompt")
+      _check_writable(req.out, "out", req.overwrite, kind="file" if req.single_file else "dir")
       for stem in req.stems():
         for ext in (".wav", ".npy", ".png"):
           if os.path.exists(stem + ext) and not req.overwrite:
@@ -195,8 +198,15 @@ class SampleRequest:
                              "choose another --out")
     return req
 
+  @property
+  def single_file(self) -> bool:
+    """--out names the WAV file itself (one prompt) rather than a directory."""
+    return bool(self.out) and self.out.lower().endswith(".wav")
+
   def stems(self) -> list[str]:
     """Output paths without extension, one per prompt."""
+    if self.single_file:
+      return [self.out[:-len(".wav")]]
     return [os.path.join(self.out, f"{i:03d}_{_slug(p)}") for i, p in enumerate(self.prompts)]
 
 
@@ -240,6 +250,19 @@ def setup_compilation_cache(directory: str | None) -> str | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return directory
+
+
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
+                             "demo")
+
+
+def shipped_model() -> str:
+  """The model directory that ships with the repo (configs/demo.py; models/demo/TRAINING.md)."""
+  if not os.path.isfile(os.path.join(SHIPPED_MODEL, checkpoint.CONFIG_FILE)):
+    raise ValueError(f"the shipped model is missing from {SHIPPED_MODEL} (a partial checkout?): "
+                     "restore it with `git checkout -- models/demo`, retrain it as "
+                     "configs/demo.py says, or pass --checkpoint DIR")
+  return SHIPPED_MODEL
 
 
 def load_model(checkpoint_dir: str | None, config, *, overrides: dict[str, Any] | None = None,
@@ -403,7 +426,7 @@ def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
         np.save(req.save_tokens, codes)
       lines.append(f"tokens {codes.shape} -> {req.save_tokens}")
     if req.out:
-      os.makedirs(req.out, exist_ok=True)
+      os.makedirs(os.path.dirname(os.path.abspath(req.stems()[0])), exist_ok=True)
       with timings.phase("codec"):
         audio = model.decode(codes)
       with timings.phase("write"):

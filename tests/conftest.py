@@ -42,9 +42,15 @@ def sample(monkeypatch, capsys):
   import sample as sample_py
   from musicgen_jax import cli
 
-  def run(*args):
-    # --noprogress: one compiled program per shape, shared by the tests (--progress turns it back on)
-    rc = cli.run_main(sample_py.main, ["sample.py", "--compile-cache=", "--noprogress", *args])
+  def run(*args, shipped: bool = False):
+    # --noprogress: one compiled program per shape, shared by the tests (--progress turns it back on).
+    # Without --checkpoint or --config, sample.py uses the shipped model; tests get the random tiny
+    # model there unless they ask for the shipped one.
+    explicit = any(a in ("--checkpoint", "--config") or a.startswith(("--checkpoint=", "--config="))
+                   for a in args)
+    default = [] if shipped or explicit else ["--config=configs/musicgen.py:tiny"]
+    rc = cli.run_main(sample_py.main, ["sample.py", "--compile-cache=", "--noprogress", *default,
+                                       *args])
     out, err = capsys.readouterr()
     return rc, out, err
   return run

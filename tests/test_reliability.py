@@ -380,7 +380,8 @@ def test_second_run_loads_compiled_programs(tmp_path):
   """Two processes with the same shapes: the second compiles nothing (persistent cache)."""
   script = ("import sys; from musicgen_jax import cli; import sample; "
             "sys.exit(cli.run_main(sample.main, sys.argv[1:]))")
-  args = ["sample.py", "--prompt", "x", "--duration", "0.1", "--noprogress", "--verbose",
+  args = ["sample.py", "--config", "configs/musicgen.py:tiny", "--prompt", "x", "--duration", "0.1",
+          "--noprogress", "--verbose",
           "--compile-cache", str(tmp_path / "cache"), "--save-tokens", str(tmp_path / "t.npy"),
           "--overwrite"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")

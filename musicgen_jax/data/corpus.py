@@ -1,6 +1,6 @@
 """The music21 corpus rendered to audio: a TFDS dataset with captions and ground-truth attributes.
 
-    python -m musicgen_jax.data.corpus --out DIR [--preset tiny|full] [--max-pieces N]
+    python -m musicgen_jax.data.corpus --out DIR [--preset tiny|demo|full] [--max-pieces N]
         [--renderings R] [--seconds S] [--collections bach,essenFolksong] [--workers W]
 
 Every score shipped inside the `music21` package (scores.py) is rendered `renderings` times with
@@ -83,6 +83,12 @@ PRESETS = {
     # Seconds to build: two short pieces from each of three collections, one 3 s rendering each.
     "tiny": dict(collections=("bach", "essenFolksong", "ryansMammoth"), max_pieces=2, renderings=1,
                  max_seconds=3.0),
+    # The shipped demo model's corpus (configs/demo.py), sized for a 2-core CPU (about 10 minutes
+    # with 2 workers): the collections of chorales, folk songs, fiddle tunes, airs and early
+    # polyphony, at most 120 pieces of each, two 12 s renderings per piece.
+    "demo": dict(collections=("airdsAirs", "bach", "essenFolksong", "miscFolk", "monteverdi",
+                              "oneills1850", "palestrina", "ryansMammoth", "trecento"),
+                 max_pieces=120, renderings=2, max_seconds=12.0),
     # Every collection, at most 300 pieces from each, three 20 s renderings per piece.
     "full": dict(max_pieces=300, renderings=3, max_seconds=20.0),
 }

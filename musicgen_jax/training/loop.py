@@ -83,8 +83,17 @@ def task_class(config: ml_collections.ConfigDict):
 
 def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """With `init_from`, the architecture (model shape, text encoder, pattern, codec) is the model
-  directory's; numerics (dtype, dropout, remat) and everything else stay the config's."""
+  directory's; numerics (dtype, dropout, remat) and everything else stay the config's. Without it,
+  an LM run whose token cache comes from `data.codec` takes that codec's architecture, so its work
+  directory is a whole model (LM, text encoder and codec) that sample.py reads."""
   if not config.init_from:
+    data = config.get("data")
+    if ("model" in config and data is not None and data.get("codec")
+        and not config.codec.get("encodec")):
+      source = checkpoint.read_config(data.codec)
+      if source.get("codec") is not None and source.codec.get("encodec"):
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.codec = ml_collections.ConfigDict(source.codec.to_dict())
     return config
   source = checkpoint.read_config(config.init_from)
   config = ml_collections.ConfigDict(config.to_dict())

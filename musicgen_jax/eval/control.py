@@ -1,0 +1,334 @@
+"""Does the audio follow the prompt? Key, tempo, instrument family and melody, measured on samples.
+
+    python -m musicgen_jax.eval.control --corpus DATA_DIR [--checkpoint DIR] [--samples 48]
+        [--duration 8] [--seed 0] [--out runs/control]
+
+For each attribute, `--samples` prompts in the corpus's caption style name a value drawn at random
+(a key of the 24, a tempo in 60-150 bpm, one of the corpus's instruments). Each prompt is sampled
+three ways: as it is ("named"), with that attribute changed to another value ("changed": the key a
+tritone away, the tempo times 1.5 or divided by it, an instrument of another family) and with the
+attribute left out ("removed"; not for the instrument, which every corpus caption names). The
+attribute is estimated from each generated clip (key: chroma profiles; tempo: librosa's beat tracker
+within 8%, half and double accepted; family: a classifier trained on the corpus) and compared with
+the value of the named prompt. A model that follows its prompts matches far more often when named
+than changed or removed. The same estimators on the corpus's held-out test renderings give the
+ceiling (how often they are right on real audio).
+
+Melody: held-out test renderings give a melody (their chroma) and a caption; the model samples with
+the melody and without it (text only). The score is the chroma cosine similarity between the melody
+and the generated audio (the paper's measure: argmax chroma per frame, i.e. the share of frames
+whose loudest pitch class agrees).
+
+Writes control.json and control.md in --out and prints the table. DATA_DIR is the corpus root that
+train.py renders (runs/demo-data/corpus-*, the directory holding counts.json). With
+`--listening DIR` it writes listening material instead (docs/samples: generated clips from held-out
+captions next to the real renderings, with spectrograms).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+
+from musicgen_jax.data import manifest, render, scores
+from musicgen_jax.eval import attributes
+from musicgen_jax.eval.classifier import Classifier, features
+
+KEYS = [(pc, mode) for mode in ("major", "minor") for pc in range(12)]
+WHAT = ("a traditional jig", "a Bach chorale", "an Irish reel", "a German folk song",
+        "a Scottish air", "a Renaissance motet by Palestrina", "a traditional hornpipe")
+CLIP_SECONDS = 8.0
+
+
+def corpus_split(root: str, split: str, limit: int | None = None) -> list[dict]:
+  """Examples of one split of the rendered corpus (audio as float32 [N], mono)."""
+  import tensorflow_datasets as tfds
+  counts = manifest.read_counts(root)
+  if counts is None:
+    raise ValueError(f"{root} is not a built corpus (no counts.json): pass the directory that "
+                     "train.py rendered, e.g. runs/demo-data/corpus-*")
+  source = tfds.builder_from_directory(manifest.dataset_dir(root, counts)).as_data_source(split)
+  n = len(source) if limit is None else min(limit, len(source))
+  out = []
+  for i in range(n):
+    ex = source[i]
+    audio = manifest.from_int16(np.asarray(ex["audio"])).mean(axis=0)
+    text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+    out.append({"audio": audio, "caption": text(ex["caption"]), "family": text(ex["family"]),
+                "key_tonic": text(ex["key_tonic"]), "key_mode": text(ex["key_mode"]),
+                "bpm": int(ex["bpm"]), "meter": text(ex["meter"])})
+  return out
+
+
+_NATURALS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+
+
+def _pc(name: str) -> int:
+  """Pitch class of a tonic spelled 'F#', 'Bb', 'E-' (music21's flat) -> 0..11."""
+  acc = name[1:]
+  return (_NATURALS[name[0].upper()] + acc.count("#") - acc.count("b") - acc.count("-")) % 12
+
+
+def train_classifier(root: str, sample_rate: int, rng: np.random.Generator,
+                     crops_per_item: int = 2) -> tuple[Classifier, dict]:
+  """The family classifier on CLIP_SECONDS crops of the train split; its test-split accuracy."""
+  def crops(items, n):
+    x, y = [], []
+    for it in items:
+      a, clip = it["audio"], int(CLIP_SECONDS * sample_rate)
+      for _ in range(n):
+        start = int(rng.integers(0, max(len(a) - clip, 0) + 1))
+        x.append(features(a[start:start + clip], sample_rate))
+        y.append(it["family"])
+    return np.stack(x), y
+  train = corpus_split(root, "train")
+  x, y = crops(train, crops_per_item)
+  clf = Classifier.fit(x, y, classes=render.FAMILIES)
+  test = corpus_split(root, "test")
+  xt, yt = crops(test, 1)
+  return clf, {"train_clips": len(y), "test_clips": len(yt), "test_accuracy": clf.accuracy(xt, yt),
+               "chance": 1.0 / len(render.FAMILIES)}
+
+
+def _prompt(what: str, key: str, inst: str, tempo: str) -> str:
+  parts = [f"{what}{f' in {key}' if key else ''} on {inst}"] + ([tempo] if tempo else [])
+  return ", ".join(parts)
+
+
+def _key_text(pc: int, mode: str) -> str:
+  return f"{scores.tonic_name(pc, mode)} {mode}"
+
+
+def attribute_prompts(n: int, rng: np.random.Generator) -> dict[str, dict]:
+  """{attribute: {"truth": [...], "named" / "changed" / "removed": [prompts]}}."""
+  insts = [(name, fam) for _, name, fam, _, _ in render.INSTRUMENTS]
+  out = {}
+  rows = []
+  for _ in range(n):
+    rows.append(dict(what=WHAT[rng.integers(len(WHAT))], key=KEYS[rng.integers(len(KEYS))],
+                     inst=insts[rng.integers(len(insts))], bpm=int(rng.integers(60, 151))))
+  key = {"truth": [], "named": [], "changed": [], "removed": []}
+  tempo = {"truth": [], "named": [], "changed": [], "removed": []}
+  family = {"truth": [], "named": [], "changed": []}
+  for r in rows:
+    (pc, mode), (inst, fam), bpm, what = r["key"], r["inst"], r["bpm"], r["what"]
+    k, t = _key_text(pc, mode), f"{bpm} bpm"
+    key["truth"].append([pc, mode])
+    key["named"].append(_prompt(what, k, inst, t))
+    key["changed"].append(_prompt(what, _key_text((pc + 6) % 12, mode), inst, t))
+    key["removed"].append(_prompt(what, "", inst, t))
+    other = int(round(bpm * 1.5)) if bpm < 100 else int(round(bpm / 1.5))
+    tempo["truth"].append(bpm)
+    tempo["named"].append(_prompt(what, k, inst, t))
+    tempo["changed"].append(_prompt(what, k, inst, f"{other} bpm"))
+    tempo["removed"].append(_prompt(what, k, inst, ""))
+    others = [i for i in insts if i[1] != fam]
+    o = others[rng.integers(len(others))]
+    family["truth"].append(fam)
+    family["named"].append(_prompt(what, k, inst, t))
+    family["changed"].append(_prompt(what, k, o[0], t))
+  out["key"], out["tempo"], out["family"] = key, tempo, family
+  return out
+
+
+def _generate(model, prompts: list[str], duration: float, seed: int, chroma=None,
+              batch: int = 16) -> list[np.ndarray]:
+  """Mono float32 clips, one per prompt, in batches of `batch` (one compiled shape)."""
+  from musicgen_jax import sampling
+  settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict())
+  clips = []
+  for s in range(0, len(prompts), batch):
+    part = list(prompts[s:s + batch])
+    pad = batch - len(part)
+    c = None if chroma is None else np.concatenate(
+        [chroma[s:s + batch], np.repeat(chroma[s:s + 1], pad, axis=0)])
+    codes = model.generate(part + [part[0]] * pad, duration, settings, seed=seed + s, chroma=c)
+    audio = model.decode(codes)
+    clips += [a.mean(axis=0) for a in audio[:len(part)]]
+  return clips
+
+
+def _match_rate(attr: str, clips: list[np.ndarray], truth: list, sr: int, clf) -> list[bool]:
+  if attr == "key":
+    return [attributes.key_matches(attributes.estimate_key(a, sr), pc, mode)
+            for a, (pc, mode) in zip(clips, truth)]
+  if attr == "tempo":
+    return [attributes.tempo_matches(attributes.estimate_tempo(a, sr), bpm)
+            for a, bpm in zip(clips, truth)]
+  return [p == t for p, t in zip(clf.predict(np.stack([features(a, sr) for a in clips])), truth)]
+
+
+def melody_similarity(chroma_ref: np.ndarray, audio: np.ndarray, sr: int) -> float:
+  """Share of frames whose argmax pitch class agrees (cosine of one-hot chroma), over the frames
+  both have."""
+  from musicgen_jax.conditioners import melody as melody_lib
+  gen = np.asarray(melody_lib.chromagram(audio[None], sr))[0]
+  n = min(len(gen), len(chroma_ref))
+  return float(np.mean(np.sum(gen[:n] * chroma_ref[:n], axis=-1)))
+
+
+def run(model, corpus_root: str, samples: int, duration: float, seed: int,
+        log=print) -> dict:
+  sr = model.sample_rate
+  rng = np.random.default_rng(seed)
+  t0 = time.time()
+  clf, clf_info = train_classifier(corpus_root, sr, rng)
+  log(f"family classifier: test accuracy {clf_info['test_accuracy']:.3f} on "
+      f"{clf_info['test_clips']} held-out clips (chance {clf_info['chance']:.3f})")
+  test = corpus_split(corpus_root, "test")
+  clip = int(CLIP_SECONDS * sr)
+  ceiling = {
+      "key": float(np.mean([attributes.key_matches(attributes.estimate_key(e["audio"][:clip], sr),
+                                                   _pc(e["key_tonic"]), e["key_mode"])
+                            for e in test])),
+      "tempo": float(np.mean([attributes.tempo_matches(
+          attributes.estimate_tempo(e["audio"][:clip], sr), e["bpm"]) for e in test])),
+      "family": clf_info["test_accuracy"]}
+  result = {"samples": samples, "duration": duration, "seed": seed, "classifier": clf_info,
+            "real_test_renderings": len(test), "attributes": {}}
+  for attr, sets in attribute_prompts(samples, rng).items():
+    row = {"ceiling_real_audio": ceiling[attr]}
+    for variant in ("named", "changed", "removed"):
+      if variant in sets:
+        clips = _generate(model, sets[variant], duration, seed)
+        row[variant] = float(np.mean(_match_rate(attr, clips, sets["truth"], sr, clf)))
+    result["attributes"][attr] = row
+    log(f"{attr}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+  if model.lm_cfg.melody:
+    from musicgen_jax.conditioners import melody as melody_lib
+    pick = rng.permutation(len(test))[:samples]
+    items = [test[i] for i in pick]
+    frames = melody_lib.num_chroma_frames(clip)
+    chroma = np.stack([melody_lib.melody_condition(e["audio"][:clip][None], sr, frames, sr)
+                       for e in items])
+    texts = [e["caption"] for e in items]
+    with_m = _generate(model, texts, duration, seed, chroma=chroma)
+    without = _generate(model, texts, duration, seed)
+    sims = [[melody_similarity(c, a, sr) for c, a in zip(chroma, clips)] for clips in
+            (with_m, without)]
+    result["melody"] = {"samples": len(items), "with_melody": float(np.mean(sims[0])),
+                        "with_melody_std": float(np.std(sims[0])),
+                        "text_only": float(np.mean(sims[1])),
+                        "text_only_std": float(np.std(sims[1]))}
+    log(f"melody: chroma cosine {result['melody']['with_melody']:.3f} with the melody, "
+        f"{result['melody']['text_only']:.3f} text only ({len(items)} clips)")
+  result["seconds"] = round(time.time() - t0, 1)
+  return result
+
+
+def write_listening(model, corpus_root: str, out_dir: str, count: int = 4, seconds: float = 5.0,
+                    seed: int = 0) -> list[dict]:
+  """Listening material: for `count` held-out test renderings, the real recording and a sample of
+  the model from its caption (the first also with its melody), as WAVs with spectrogram PNGs and
+  an index (README.md). -> the index entries."""
+  from musicgen_jax import audio as audio_lib, plotting
+  from musicgen_jax.conditioners import melody as melody_lib
+  sr = model.sample_rate
+  test = corpus_split(corpus_root, "test")
+  rng = np.random.default_rng(seed)
+  items = [test[i] for i in sorted(rng.permutation(len(test))[:count])]
+  clip = int(seconds * sr)
+  texts = [e["caption"] for e in items]
+  generated = _generate(model, texts, seconds, seed, batch=len(texts))
+  entries = []
+  for i, (e, g) in enumerate(zip(items, generated)):
+    entries.append({"name": f"{i + 1}_generated", "prompt": e["caption"], "audio": g})
+    entries.append({"name": f"{i + 1}_real", "prompt": e["caption"], "audio": e["audio"][:clip]})
+  if model.lm_cfg.melody:
+    e = items[0]
+    frames = melody_lib.num_chroma_frames(clip)
+    chroma = melody_lib.melody_condition(e["audio"][:clip][None], sr, frames, sr)[None]
+    g = _generate(model, [e["caption"]], seconds, seed, chroma=chroma, batch=1)[0]
+    entries.append({"name": "1_generated_with_melody_of_1_real", "prompt": e["caption"],
+                    "audio": g})
+  os.makedirs(out_dir, exist_ok=True)
+  lines = ["# Listening examples", "",
+           "Generated by the shipped model (`models/demo`) from the captions of held-out corpus "
+           "renderings (test split: pieces the model never saw), each next to that real rendering. "
+           f"{seconds:g} s, {sr} Hz mono; made by `python -m musicgen_jax.eval.control "
+           "--listening docs/samples`.", "",
+           "| file | prompt | spectrogram |", "|---|---|---|"]
+  for e in entries:
+    audio_lib.write_wav(os.path.join(out_dir, e["name"] + ".wav"), e["audio"], sr)
+    plotting.spectrogram_png(os.path.join(out_dir, e["name"] + ".png"), e["audio"], sr,
+                             max_width=600)
+    lines.append(f"| [{e['name']}.wav]({e['name']}.wav) | {e['prompt']} | "
+                 f"![]({e['name']}.png) |")
+  with open(os.path.join(out_dir, "README.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return [{k: v for k, v in e.items() if k != "audio"} for e in entries]
+
+
+def markdown(result: dict) -> str:
+  n = result["samples"]
+  lines = ["| attribute | named in the prompt | changed | removed | estimator on real held-out "
+           "audio |", "|---|---|---|---|---|"]
+  for attr, row in result["attributes"].items():
+    cell = lambda k: f"{row[k]:.2f}" if k in row else "—"  # noqa: E731
+    lines.append(f"| {attr} | {cell('named')} | {cell('changed')} | {cell('removed')} | "
+                 f"{row['ceiling_real_audio']:.2f} ({result['real_test_renderings']} renderings) |")
+  lines.append("")
+  lines.append(f"Share of {n} generated {result['duration']:g} s clips per cell whose estimated "
+               "attribute equals the one the 'named' prompt gives.")
+  c = result["classifier"]
+  lines.append(f"Family classifier: {c['test_accuracy']:.2f} accuracy on {c['test_clips']} held-out "
+               f"clips ({len(render.FAMILIES)} families, chance {c['chance']:.2f}).")
+  if "melody" in result:
+    m = result["melody"]
+    lines.append(f"Melody: chroma cosine similarity {m['with_melody']:.3f} ± {m['with_melody_std']:.3f}"
+                 f" with the melody against {m['text_only']:.3f} ± {m['text_only_std']:.3f} text only "
+                 f"({m['samples']} held-out melodies).")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m musicgen_jax.eval.control",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--corpus", required=True, help="the rendered corpus root (has counts.json); a "
+                 "glob is accepted, e.g. 'runs/demo-data/corpus-*'")
+  p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped one)")
+  p.add_argument("--samples", type=int, default=48)
+  p.add_argument("--duration", type=float, default=CLIP_SECONDS)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="runs/control")
+  p.add_argument("--listening", default=None, help="only write listening examples to this "
+                 "directory (e.g. docs/samples), no measurements")
+  args = p.parse_args(argv)
+  roots = sorted(glob.glob(args.corpus))
+  try:
+    if len(roots) != 1:
+      raise ValueError(f"--corpus {args.corpus!r} matches {len(roots)} directories: give one")
+    if args.samples < 8:
+      raise ValueError(f"--samples {args.samples} is too few to compare rates: use at least 8")
+    if manifest.read_counts(roots[0]) is None:
+      raise ValueError(f"{roots[0]} is not a built corpus (no counts.json)")
+    from musicgen_jax import cli
+    from musicgen_jax.pipeline import MusicGen
+    model = MusicGen.load(args.checkpoint or cli.shipped_model())
+    if model.codec is None:
+      raise ValueError("the model has no codec: nothing to listen to")
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.listening:
+    for e in write_listening(model, roots[0], args.listening, seed=args.seed):
+      print(f"{e['name']}: {e['prompt']}")
+    return 0
+  result = run(model, roots[0], args.samples, args.duration, args.seed)
+  result["command"] = "python -m musicgen_jax.eval.control " + " ".join(sys.argv[1:] if argv is None
+                                                                       else argv)
+  os.makedirs(args.out, exist_ok=True)
+  manifest.write_json(os.path.join(args.out, "control.json"), result)
+  table = markdown(result)
+  with open(os.path.join(args.out, "control.md"), "w") as f:
+    f.write(table)
+  print(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,128 @@
+"""The shipped model (models/demo) and the pieces that make it: configs/demo.py, an LM run taking
+its codec from `data.codec`, the bfloat16 export, and sample.py's default model."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+
+from musicgen_jax import checkpoint, cli, export
+from musicgen_jax.training import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _configs():
+  import importlib
+  import sys
+  sys.path.insert(0, ROOT)
+  return importlib.import_module("configs.demo"), importlib.import_module("configs.musicgen")
+
+
+def test_demo_configs_agree_with_each_other():
+  """The LM's vocabulary, frame rate and sample rate are the codec's; the corpus is shared."""
+  demo, _ = _configs()
+  codec, lm = demo.get_config("codec"), demo.get_config("lm")
+  enc = codec.codec.encodec
+  assert lm.model.card == enc.codebook_size
+  assert lm.codec.sample_rate == codec.codec.sample_rate == enc.sampling_rate
+  assert lm.codec.frame_rate == codec.codec.frame_rate
+  assert lm.data.cache_dir == codec.data.cache_dir and lm.data.corpus == codec.data.corpus == "demo"
+  assert lm.data.codec == demo.CODEC_DIR
+  with pytest.raises(ValueError, match="codec or lm"):
+    demo.get_config("nope")
+
+
+def test_lm_run_takes_its_codec_from_data_codec(tmp_path):
+  """Without init_from, an LM config whose data.codec is a codec run gets that codec's
+  architecture (so its work directory is a whole model); an explicit codec.encodec is kept."""
+  import sys
+  sys.path.insert(0, ROOT)
+  from configs import codec as codec_configs
+  demo, musicgen = _configs()
+  codec_dir = str(tmp_path / "codec")
+  checkpoint.write_config(codec_dir, codec_configs.get_config("tiny"))
+  c = musicgen.get_config("tiny")
+  c.data.codec = codec_dir
+  got = loop.resolve_init_from(c)
+  assert got.codec.encodec.to_dict() == codec_configs.get_config("tiny").codec.encodec.to_dict()
+  assert got.codec.sample_rate == 8000 and "encodec" not in c.codec   # the caller's is untouched
+  plain = musicgen.get_config("tiny")
+  assert loop.resolve_init_from(plain).to_dict() == plain.to_dict()
+
+
+def test_bfloat16_export_loads_as_rounded_float32(tmp_path):
+  """export --dtype bfloat16 halves the parameter bytes; loading gives float32 arrays equal to the
+  bfloat16 rounding of the originals; the source itself and a bad dtype are refused."""
+  from musicgen_jax.pipeline import MusicGen
+  _, musicgen = _configs()
+  c = musicgen.get_config("tiny")
+  model = MusicGen.random(c)
+  src, f32, bf16 = (str(tmp_path / n) for n in ("src", "f32", "bf16"))
+  checkpoint.save_model(src, c, jax.device_get(model.params))
+  a = export.export(src, f32, dtype="float32")
+  b = export.export(src, bf16, dtype="bfloat16")
+  assert a["parameters"] == b["parameters"] > 0 and b["bytes"] < 0.7 * a["bytes"]
+  _, original = checkpoint.load_model(src)
+  _, loaded = checkpoint.load_model(bf16)
+  flat_o, flat_l = jax.tree.leaves(original), jax.tree.leaves(loaded)
+  assert len(flat_o) == len(flat_l)
+  assert any(not np.array_equal(x, y) for x, y in zip(flat_o, flat_l))  # it really rounded
+  for x, y in zip(flat_o, flat_l):
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float32), y)
+  with pytest.raises(ValueError, match="is the source"):
+    export.export(src, src)
+  assert export.main([src, str(tmp_path / "x"), "--dtype", "float32"]) == 0
+  assert export.main([str(tmp_path / "missing"), str(tmp_path / "y")]) == 2
+
+
+def _shipped():
+  if not os.path.isfile(os.path.join(cli.SHIPPED_MODEL, checkpoint.CONFIG_FILE)):
+    pytest.fail(f"the shipped model is missing from {cli.SHIPPED_MODEL}")
+  return cli.SHIPPED_MODEL
+
+
+def test_shipped_model_is_small_and_recorded():
+  """At most 30 MB, no pickle, an integrity record, and a training record naming its command."""
+  d = _shipped()
+  files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs]
+  assert sum(os.path.getsize(f) for f in files) <= 30e6
+  assert not [f for f in files if f.endswith((".pkl", ".pickle", ".bin", ".pt"))]
+  from musicgen_jax import integrity
+  assert integrity.verify(d, required=True, checksums=True)
+  record = open(os.path.join(d, "TRAINING.md")).read()
+  assert "configs/demo.py:lm" in record and "configs/demo.py:codec" in record
+  config = json.load(open(os.path.join(d, checkpoint.CONFIG_FILE)))
+  assert config["codec"]["encodec"]["codebook_size"] == config["model"]["card"]
+
+
+def test_sample_without_checkpoint_uses_the_shipped_model(sample, tmp_path):
+  """The README's main command: no --checkpoint, a WAV at the codec's rate that is neither silent
+  nor clipped noise; --melody works with it."""
+  _shipped()
+  out = tmp_path / "out"
+  rate = 32000
+  tone = 0.3 * np.sin(2 * np.pi * 440.0 * np.arange(rate) / rate).astype(np.float32)
+  melody = str(tmp_path / "a4.wav")
+  sf.write(melody, tone, rate)
+  wav = out / "folk.wav"
+  rc, stdout, err = sample("--prompt", "a cheerful folk dance in A major on flute", "--duration",
+                           "0.5", "--out", str(wav), "--melody", melody, "--plot", shipped=True)
+  assert rc == 0, err
+  assert "randomly initialised" not in err
+  assert sorted(p.name for p in out.iterdir()) == ["folk.png", "folk.wav"], stdout
+  audio, sr = sf.read(str(wav), dtype="float32")
+  assert sr == rate and abs(len(audio) - rate // 2) <= 640
+  assert np.all(np.isfinite(audio)) and 1e-3 < float(np.sqrt(np.mean(audio ** 2))) < 0.9
+
+
+def test_out_names_one_wav_file_only_for_one_prompt(sample, tmp_path):
+  rc, _, err = sample("--prompt", "a", "--prompt", "b", "--out", str(tmp_path / "x.wav"))
+  assert rc == 2 and "names one WAV file but there are 2 prompts" in err
+  assert not (tmp_path / "x.wav").exists()
