@@ -87,8 +87,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   elif variant == "demo":
     encodec.update(num_filters=16, hidden_size=64, num_lstm_layers=1, codebook_size=512,
                    target_bandwidths=(1.8,))
-    c.train.update(batch_size=8, num_steps=2400, eval_every=400, eval_batches=8,
-                   checkpoint_every=200, keep_checkpoints=2, log_every=50)
+    c.train.update(batch_size=8, num_steps=3000, eval_every=500, eval_batches=8,
+                   checkpoint_every=250, keep_checkpoints=2, log_every=50)
     c.codec_train.losses.update(adv=0.0, feat=0.0)        # configs/demo.py says why
     c.codec_train.quantizer.threshold_ema_dead_code = 0.25
     c.codec_train.discriminator.filters = 16

@@ -21,7 +21,9 @@ codec  EnCodec geometry at 32 kHz mono, hop 640 (50 Hz frames), 4 codebooks of 5
 lm     4 layers, D 256, 4 heads, FFN 1024 (4.2M parameters with the heads and embeddings), the
        learned byte-level text encoder (2 layers, D 256) and the chroma melody, both as a prefix as
        MusicGen-Melody does; 8 s segments (what a 2-core CPU trains in under an hour: ~2 s a step
-       of 8 x 8 s). Pattern: "delay" (the paper's choice for its released
+       of 8 x 8 s). 576 positions: the longest text prefix (96 bytes), the melody prefix (64
+       chroma frames) and 8.2 s of audio, the length it learnt; longer samples are generated in
+       overlapping windows of that length, as for the released models. Pattern: "delay" (the paper's choice for its released
        models): one decoder step per frame, so an 8 s sample is 403 steps, where flattening would
        take 4 times as many (too slow for a sample in under a minute on a CPU) and parallel
        predicts the codebooks of a frame independently, which the paper found clearly worse.
@@ -52,7 +54,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c = musicgen.get_config("small")
   c.variant = "demo"
   c.model.update(num_codebooks=4, card=512, dim=256, num_layers=4, num_heads=4, ffn_dim=1024,
-                 melody=True, text_conditioning="prefix", chroma_length=64, max_positions=1024)
+                 melody=True, text_conditioning="prefix", chroma_length=64, max_positions=576)
   c.text.update(kind="learned", dim=256, num_layers=2, num_heads=4, max_length=96, tokenizer="")
   c.model.text_dim = c.text.dim
   c.codec.update(sample_rate=32000, frame_rate=50, channels=1)

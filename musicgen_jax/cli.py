@@ -165,6 +165,10 @@ class SampleRequest:
         prompts += [line.strip() for line in fh if line.strip()]
     if not prompts:
       raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    for i, p in enumerate(prompts):
+      if not p.strip():
+        print(f"warning: prompt {i + 1} is empty: it is sampled unconditionally (the null text "
+              "condition)", file=sys.stderr)
     settings = {k: f[flag] for k, flag in (("temperature", "temperature"), ("top_k", "top-k"),
                                            ("top_p", "top-p"), ("cfg_coef", "cfg"),
                                            ("cfg_mode", "cfg-mode")) if f[flag] is not None}
@@ -438,8 +442,9 @@ def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
           audio_lib.write_wav(stem + ".wav", audio[i], model.sample_rate)
           lines.append(f"{audio.shape[-1] / model.sample_rate:.2f}s -> {stem}.wav")
           if req.plot:
-            from musicgen_jax import plotting   # scipy.signal: seconds to import
-            plotting.spectrogram_png(stem + ".png", audio[i], model.sample_rate)
+            from musicgen_jax import plotting   # matplotlib: imported only with --plot
+            plotting.spectrogram_png(stem + ".png", audio[i], model.sample_rate,
+                                     title=req.prompts[i])
             lines.append(f"spectrogram -> {stem}.png")
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- rescue the tokens, then report
     near = os.path.dirname(os.path.abspath(req.save_tokens or os.path.join(req.out or ".", "x")))

@@ -229,6 +229,11 @@ class MusicGen:
     """Text (and melody chroma [B, frames, 12]) -> Conditions for the LM."""
     batch = {k: jnp.asarray(v) for k, v in self.text.tokenize(list(texts)).items()}
     hidden, mask = self._encode_text(self.params["text"], batch)
+    empty = np.array([not t.strip() for t in texts])
+    if empty.any():   # an empty prompt is the null text condition: unconditional sampling
+      keep = jnp.asarray(~empty)
+      hidden = jnp.where(keep[:, None, None], hidden, jnp.zeros_like(hidden))
+      mask = jnp.where(keep[:, None], mask, jnp.zeros_like(mask))
     if self.lm_cfg.text_conditioning == "prefix":
       # A text prefix is attended without a mask (as in the reference), so padding would shift every
       # position: keep only up to the longest prompt of the batch, as padding=True tokenization does.

@@ -126,3 +126,33 @@ def test_out_names_one_wav_file_only_for_one_prompt(sample, tmp_path):
   rc, _, err = sample("--prompt", "a", "--prompt", "b", "--out", str(tmp_path / "x.wav"))
   assert rc == 2 and "names one WAV file but there are 2 prompts" in err
   assert not (tmp_path / "x.wav").exists()
+
+
+def test_empty_prompt_is_unconditional_with_a_warning(sample, tmp_path):
+  """An empty prompt gets the null text condition: guidance then changes nothing (its conditional
+  and unconditional rows are the same), unlike for a real prompt."""
+  def tokens(prompt, cfg):
+    path = str(tmp_path / f"{len(prompt)}_{cfg}.npy")
+    rc, _, err = sample("--prompt", prompt, "--top-k", "1", "--cfg", cfg, "--duration", "0.3",
+                        "--save-tokens", path)
+    assert rc == 0, err
+    return np.load(path), err
+  (a, err), (b, _) = tokens("", "3"), tokens("", "1")
+  assert "prompt 1 is empty" in err and err.count("warning") == 1
+  np.testing.assert_array_equal(a, b)
+  c, d = tokens("a melody in C", "3")[0], tokens("a melody in C", "1")[0]
+  assert not np.array_equal(c, d)
+
+
+def test_shipped_model_takes_any_text(sample, tmp_path, caplog):
+  """Emoji, other scripts and a prompt far beyond the text encoder's 96 positions: tokenised (bytes),
+  the long one truncated with one warning, never a crash."""
+  _shipped()
+  path = str(tmp_path / "t.npy")
+  rc, _, err = sample("--prompt", "🎻 一首欢快的中国民歌 — «danse» ", "--prompt", "a reel " * 60,
+                      "--duration", "0.2", "--save-tokens", path, shipped=True)
+  assert rc == 0, err
+  codes = np.load(path)
+  assert codes.shape[:2] == (2, 4) and codes.min() >= 0 and codes.max() < 512
+  said = err + caplog.text
+  assert said.count("truncated") == 1, said

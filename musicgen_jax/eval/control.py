@@ -255,7 +255,7 @@ def write_listening(model, corpus_root: str, out_dir: str, count: int = 4, secon
   for e in entries:
     audio_lib.write_wav(os.path.join(out_dir, e["name"] + ".wav"), e["audio"], sr)
     plotting.spectrogram_png(os.path.join(out_dir, e["name"] + ".png"), e["audio"], sr,
-                             max_width=600)
+                             title=e["prompt"], width_inches=6.0)
     lines.append(f"| [{e['name']}.wav]({e['name']}.wav) | {e['prompt']} | "
                  f"![]({e['name']}.png) |")
   with open(os.path.join(out_dir, "README.md"), "w") as f:

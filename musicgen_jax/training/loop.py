@@ -306,9 +306,13 @@ def _summary(m: dict) -> str:
 
 
 def _line(step: int, m: dict) -> str:
-  ppl = [round(float(x), 2) for x in m.get("perplexity", [])]
+  """The log line of a step: the LM's perplexity per codebook, or the codec's loss terms."""
+  if len(m.get("perplexity", [])):
+    detail = f"ppl/codebook {[round(float(x), 2) for x in m['perplexity']]}"
+  else:
+    detail = " ".join(f"{k} {float(m[k]):.4f}" for k in ("l1", "commit", "d_loss") if k in m)
   return (f"step {step}: loss {m['loss']:.4f} grad_norm {m.get('grad_norm', float('nan')):.3f} "
-          f"ppl/codebook {ppl} ({m['steps_per_s']:.2f} steps/s)")
+          f"{detail} ({m['steps_per_s']:.2f} steps/s)")
 
 
 class _Evaluator:
