@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.text_dim = c.text.dim
   c.codec.update(sample_rate=32000, frame_rate=50, channels=1)
   c.sampling.update(duration=8.0)
-  c.train.update(batch_size=8, num_steps=1200, learning_rate=1e-3, warmup_steps=100,
+  c.train.update(batch_size=8, num_steps=1000, learning_rate=1e-3, warmup_steps=100,
                  segment_seconds=8.0, cond_dropout=0.2, log_every=25, eval_every=250,
                  eval_batches=4, checkpoint_every=100, keep_checkpoints=2)
   _data(c)

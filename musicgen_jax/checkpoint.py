@@ -71,6 +71,15 @@ def _lists_to_tuples_config(d: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fix(d))
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for a model directory that one process writes or reads alone (host numpy arrays;
+  the primary's best/ and codec/ copies, a token-cache worker's codec). Orbax's default synchronises
+  every process of a multi-host job around each save and restore, so one process doing it alone
+  would wait for the others, or fail on their next, different, synchronisation."""
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
 def save_model(directory: str, config: ml_collections.ConfigDict, params: dict,
                tokenizer_file: str | None = None, *, overwrite: bool = False) -> None:
   """Writes config + params (+ tokenizer.json) + an integrity record to `directory`.
@@ -90,8 +99,10 @@ def save_model(directory: str, config: ml_collections.ConfigDict, params: dict,
   try:
     write_config(tmp, config)
     params = jax.tree.map(np.asarray, params)
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+    mp = _this_process_only()
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=mp),
+                          multiprocessing_options=mp) as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(params))
     recorded = [CONFIG_FILE, PARAMS_DIR]
     if tokenizer_file:
       shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER_FILE))
@@ -232,8 +243,10 @@ def load_codec(directory: str):
     raise CheckpointError(f"{directory} holds no codec (config.codec.encodec or {PARAMS_DIR}/ is "
                           "missing): point data.codec at a model directory written by "
                           "`python -m musicgen_jax.convert` or a codec training run")
+  mp = _this_process_only()
   try:
-    with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
+    with _quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
+                                          multiprocessing_options=mp) as ckptr:
       meta = ckptr.metadata(target).item_metadata
       meta = getattr(meta, "tree", meta)
       params_meta = meta["params"] if in_state else meta

@@ -51,6 +51,8 @@ def _config_flag_names() -> list[str]:
       names.append(name)
     except TypeError:   # not a config flag
       continue
+    except flags.Error:   # a config flag not parsed yet (UnparsedFlagError)
+      names.append(name)
   return names
 
 

@@ -46,8 +46,7 @@ def sample(monkeypatch, capsys):
     # --noprogress: one compiled program per shape, shared by the tests (--progress turns it back on).
     # Without --checkpoint or --config, sample.py uses the shipped model; tests get the random tiny
     # model there unless they ask for the shipped one.
-    explicit = any(a in ("--checkpoint", "--config") or a.startswith(("--checkpoint=", "--config="))
-                   for a in args)
+    explicit = any(a.startswith(("--checkpoint", "--config")) for a in args)
     default = [] if shipped or explicit else ["--config=configs/musicgen.py:tiny"]
     rc = cli.run_main(sample_py.main, ["sample.py", "--compile-cache=", "--noprogress", *default,
                                        *args])

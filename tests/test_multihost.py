@@ -47,7 +47,7 @@ def test_two_processes_train_like_one(tmp_path):
            f"--config.data.cache_dir={os.path.join(root, 'cache')}", "--config.data.min_seconds=0.5",
            "--config.data.valid_fraction=0.2", "--config.data.encode_seconds=1.2",
            "--config.train.segment_seconds=0.5", "--config.train.batch_size=4",
-           "--config.train.num_steps=3", "--config.train.log_every=1", "--config.train.eval_every=0",
+           "--config.train.num_steps=3", "--config.train.log_every=1", "--config.train.eval_every=3",
            "--config.train.checkpoint_every=3", "--config.train.progress=False"]
   base = dict(os.environ, JAX_PLATFORMS="cpu")
   port = _free_port()
@@ -72,3 +72,10 @@ def test_two_processes_train_like_one(tmp_path):
   data_dir = os.path.join(root, "two", "checkpoints", "3", "data")
   assert sorted(n for n in os.listdir(data_dir) if n.endswith(".json")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
+  # The primary alone wrote best/ and codec/ (process-local Orbax saves, no cross-host barrier), and
+  # the work directory is a whole model: LM from the checkpoint, codec from data.codec.
+  for name in ("best", "codec"):
+    assert os.path.isfile(os.path.join(root, "two", name, checkpoint.CONFIG_FILE))
+  config, params = checkpoint.load_model(os.path.join(root, "two"))
+  assert config.codec.encodec.codebook_size == ENCODEC["codebook_size"]
+  assert sorted(params) == ["codec", "lm", "text"]
