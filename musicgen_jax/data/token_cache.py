@@ -262,7 +262,10 @@ def build_shards(cache_dir: str, plan: dict, codec, params, spec: CacheSpec, *, 
   audio = tfds.builder_from_directory(plan["audio_dir"])
   feats = features(spec)
   serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
-  for shard in todo:
+  from tqdm import tqdm
+  bar = tqdm(todo, desc=f"encoding audio to tokens (process {process_index})" if process_count > 1
+             else "encoding audio to tokens", unit="shard", dynamic_ncols=True)
+  for shard in bar:
     source = audio.as_data_source(shard["split"])
     examples = _encode_items(source, range(shard["start"], shard["end"]), spec, encoder)
     path = os.fspath(_template(cache_dir, shard["split"]).sharded_filepath(
