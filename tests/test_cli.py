@@ -69,7 +69,8 @@ def test_sample_from_training_run(trained, tmp_path, sample):
     (["--duration", "0"], "--duration must be a finite number of seconds > 0"),
     (["--stride", "-1"], "--stride must be a finite number of seconds > 0"),
     (["--checkpoint", "/nonexistent/model"], "does not exist"),
-    (["--config.pattern.name=zigzag"], "zigzag"),
+    (["--config", "configs/musicgen.py:tiny", "--config.pattern.name=zigzag"], "zigzag"),
+    (["--config.pattern.name=delay"], "cannot change a loaded checkpoint"),   # the shipped model
     (["--prompts-file", "/nonexistent.txt"], "does not exist"),
     (["--prompt", "y", "extra"], "unexpected arguments"),
 ])
