@@ -345,7 +345,8 @@ def test_overrides_policy_and_dtype():
 
 # --- row 10: long durations: a limit, a plan and an estimate --------------------------------------------
 def test_long_form_prints_plan_and_estimate(sample, tmp_path):
-  rc, _, err = sample("--prompt", "x", "--config.model.max_positions=40", "--duration", "2.5",
+  rc, _, err = sample("--config", "configs/musicgen.py:tiny", "--prompt", "x",
+                      "--config.model.max_positions=40", "--duration", "2.5",
                       "--top-k", "1", "--save-tokens", str(tmp_path / "t.npy"), "--verbose", "--progress")
   assert rc == 0, err
   assert np.load(tmp_path / "t.npy").shape == (1, 4, 125)
