@@ -262,12 +262,15 @@ SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "demo")
 
 
+_RESTORE_SHIPPED = ("restore it with `git checkout -- models/demo`, retrain it with the command in "
+                    "models/demo/TRAINING.md, or pass --checkpoint DIR")
+
+
 def shipped_model() -> str:
   """The model directory that ships with the repo (configs/demo.py; models/demo/TRAINING.md)."""
   if not os.path.isfile(os.path.join(SHIPPED_MODEL, checkpoint.CONFIG_FILE)):
     raise ValueError(f"the shipped model is missing from {SHIPPED_MODEL} (a partial checkout?): "
-                     "restore it with `git checkout -- models/demo`, retrain it as "
-                     "configs/demo.py says, or pass --checkpoint DIR")
+                     + _RESTORE_SHIPPED)
   return SHIPPED_MODEL
 
 
@@ -279,7 +282,13 @@ def load_model(checkpoint_dir: str | None, config, *, overrides: dict[str, Any] 
   if dtype:
     overrides["model.dtype"] = dtype
   if checkpoint_dir:
-    return MusicGen.load(checkpoint_dir, verify=verify, overrides=overrides, mesh=mesh)
+    try:
+      return MusicGen.load(checkpoint_dir, verify=verify, overrides=overrides, mesh=mesh)
+    except checkpoint.CheckpointError as e:
+      if os.path.abspath(checkpoint_dir) != SHIPPED_MODEL:
+        raise
+      raise checkpoint.CheckpointError(f"the shipped model is damaged ({e}): "
+                                       + _RESTORE_SHIPPED) from None
   pipeline.pattern_from_config(config)   # a bad pattern fails before anything is printed
   print("note: no --checkpoint given: using a randomly initialised model of the config "
         f"({config.variant}); the output is noise", file=sys.stderr)

@@ -156,3 +156,23 @@ def test_shipped_model_takes_any_text(sample, tmp_path, caplog):
   assert codes.shape[:2] == (2, 4) and codes.min() >= 0 and codes.max() < 512
   said = err + caplog.text
   assert said.count("truncated") == 1, said
+
+
+def test_missing_or_damaged_shipped_model_is_one_line_saying_how_to_restore(sample, tmp_path,
+                                                                             monkeypatch):
+  import shutil
+  _shipped()
+  monkeypatch.setattr(cli, "SHIPPED_MODEL", str(tmp_path / "nowhere"))
+  rc, _, err = sample("--prompt", "x", "--duration", "0.1", shipped=True)
+  assert rc == 2 and len(err.strip().splitlines()) == 1, err
+  assert "shipped model is missing" in err and "git checkout -- models/demo" in err
+  copy = tmp_path / "demo"
+  shutil.copytree(os.path.join(ROOT, "models", "demo"), copy)
+  biggest = max((p for p in copy.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  data[len(data) // 2] ^= 0xFF                     # one flipped byte: same size, wrong checksum
+  biggest.write_bytes(bytes(data))
+  monkeypatch.setattr(cli, "SHIPPED_MODEL", str(copy))
+  rc, _, err = sample("--prompt", "x", "--duration", "0.1", shipped=True)
+  assert rc == 2 and len(err.strip().splitlines()) == 1, err
+  assert "shipped model is damaged" in err and biggest.name in err and "TRAINING.md" in err
