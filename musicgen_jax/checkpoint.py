@@ -209,15 +209,16 @@ def load_model(directory: str, *, verify: bool = True,
   if "lm" not in params:
     raise CheckpointError(f"the checkpoint at {target} has no 'lm' parameters")
   integrity.check_finite(params, target)
-  return config, as_float32(params)
+  return config, cast_floating(params, np.float32)
 
 
-def as_float32(params: Any) -> Any:
-  """Floating arrays as float32 (weights stored in bfloat16 by `musicgen_jax.export --dtype` are
-  the float32 master weights of every other path once loaded); other arrays unchanged."""
+def cast_floating(params: Any, dtype) -> Any:
+  """The floating arrays of `params` (numpy or jax) as `dtype`, others unchanged. Loading casts to
+  float32, so weights stored in bfloat16 (`musicgen_jax.export --dtype`) become the float32 master
+  weights of every other path; the export casts the other way."""
   def cast(x):
     floating = jax.numpy.issubdtype(x.dtype, jax.numpy.floating)   # numpy's misses bfloat16
-    return x.astype(np.float32) if floating and x.dtype != np.float32 else x
+    return x.astype(dtype) if floating and x.dtype != dtype else x
   return jax.tree.map(cast, params)
 
 
@@ -264,4 +265,4 @@ def load_codec(directory: str):
   params = restored["params"]["codec"] if in_state else restored["codec"]
   from musicgen_jax import integrity
   integrity.check_finite({"codec": params}, target)
-  return codec, as_float32(params)
+  return codec, cast_floating(params, np.float32)

@@ -6,7 +6,7 @@ SOURCE is anything sample.py reads: a training run's work directory (its newest 
 codec under codec/), its best/ directory, or a model directory. OUT_DIR gets the config, the
 parameters (text encoder, LM and codec; no optimizer state, no EMA copy), the tokenizer when there is
 one, and an integrity record. bfloat16 halves the size; loading casts the weights back to float32
-(checkpoint.as_float32), so only their rounding differs. This is how models/demo is made.
+(checkpoint.cast_floating), so only their rounding differs. This is how models/demo is made.
 """
 from __future__ import annotations
 
@@ -16,18 +16,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from musicgen_jax import checkpoint
 
 DTYPES = ("float32", "bfloat16")
-
-
-def cast(params, dtype: str):
-  """Floating arrays of `params` as `dtype` (numpy arrays); others unchanged."""
-  target = jnp.dtype(dtype)
-  return jax.tree.map(lambda x: np.asarray(jnp.asarray(x).astype(target))
-                      if jnp.issubdtype(x.dtype, jnp.floating) else np.asarray(x), params)
 
 
 def export(source: str, out_dir: str, *, dtype: str = "float32", overwrite: bool = False) -> dict:
@@ -39,7 +31,7 @@ def export(source: str, out_dir: str, *, dtype: str = "float32", overwrite: bool
   checkpoint.check_output_dir(out_dir, overwrite)
   config, params = checkpoint.load_model(source)
   tokenizer = os.path.join(source, checkpoint.TOKENIZER_FILE)
-  params = cast(jax.device_get(params), dtype)
+  params = checkpoint.cast_floating(jax.device_get(params), jnp.dtype(dtype))
   checkpoint.save_model(out_dir, config, params,
                         tokenizer if os.path.isfile(tokenizer) else None, overwrite=overwrite)
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out_dir) for f in fs)

@@ -73,9 +73,10 @@ def _pc(name: str) -> int:
   return (_NATURALS[name[0].upper()] + acc.count("#") - acc.count("b") - acc.count("-")) % 12
 
 
-def train_classifier(root: str, sample_rate: int, rng: np.random.Generator,
+def train_classifier(root: str, sample_rate: int, rng: np.random.Generator, test: list[dict],
                      crops_per_item: int = 2) -> tuple[Classifier, dict]:
-  """The family classifier on CLIP_SECONDS crops of the train split; its test-split accuracy."""
+  """The family classifier on CLIP_SECONDS crops of the train split; its accuracy on `test` (the
+  test split's items)."""
   def crops(items, n):
     x, y = [], []
     for it in items:
@@ -88,7 +89,6 @@ def train_classifier(root: str, sample_rate: int, rng: np.random.Generator,
   train = corpus_split(root, "train")
   x, y = crops(train, crops_per_item)
   clf = Classifier.fit(x, y, classes=render.FAMILIES)
-  test = corpus_split(root, "test")
   xt, yt = crops(test, 1)
   return clf, {"train_clips": len(y), "test_clips": len(yt), "test_accuracy": clf.accuracy(xt, yt),
                "chance": 1.0 / len(render.FAMILIES)}
@@ -176,10 +176,10 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
   sr = model.sample_rate
   rng = np.random.default_rng(seed)
   t0 = time.time()
-  clf, clf_info = train_classifier(corpus_root, sr, rng)
+  test = corpus_split(corpus_root, "test")
+  clf, clf_info = train_classifier(corpus_root, sr, rng, test)
   log(f"family classifier: test accuracy {clf_info['test_accuracy']:.3f} on "
       f"{clf_info['test_clips']} held-out clips (chance {clf_info['chance']:.3f})")
-  test = corpus_split(corpus_root, "test")
   clip = int(CLIP_SECONDS * sr)
   ceiling = {
       "key": float(np.mean([attributes.key_matches(attributes.estimate_key(e["audio"][:clip], sr),
