@@ -140,6 +140,13 @@ def test_empty_prompt_is_unconditional_with_a_warning(sample, tmp_path):
   (a, err), (b, _) = tokens("", "3"), tokens("", "1")
   assert "prompt 1 is empty" in err and err.count("warning") == 1
   np.testing.assert_array_equal(a, b)
+  # The condition itself: the empty row is the null one (zeros, no mask); the other row is not.
+  from musicgen_jax.pipeline import MusicGen
+  _, musicgen = _configs()
+  conds = MusicGen.random(musicgen.get_config("tiny")).conditions(["", "a melody in C"])
+  text, mask = np.asarray(conds.text), np.asarray(conds.text_mask)
+  assert not text[0].any() and not mask[0].any()
+  assert text[1].any() and mask[1].any()
   c, d = tokens("a melody in C", "3")[0], tokens("a melody in C", "1")[0]
   assert not np.array_equal(c, d)
 
