@@ -31,8 +31,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
                               group_by=config_dict.placeholder(int)))
 
   # Text conditioner: "t5" (pretrained, imported) or "learned" (small encoder trained with the LM).
+  # prefix_padding (text_conditioning="prefix" only): the prefix is attended without a mask, so its
+  # length moves every audio position. Training here pads every caption to max_length, so sampling
+  # does too ("max_length"); imported models were trained with the batch's longest caption ("longest").
   c.text = ConfigDict(dict(kind="learned", dim=768, num_layers=2, num_heads=8, max_length=64,
-                           tokenizer=""))
+                           tokenizer="", prefix_padding="max_length"))
 
   # Codec geometry (the EnCodec weights come with an imported checkpoint).
   c.codec = ConfigDict(dict(sample_rate=32000, frame_rate=50, channels=1))

@@ -125,6 +125,9 @@ class MusicGen:
 
   def __post_init__(self):
     self.lm_cfg = lm_lib.LMConfig.from_dict(self.config.model)
+    if self.prefix_padding not in ("max_length", "longest"):
+      raise ValueError(f"text.prefix_padding must be 'max_length' or 'longest', got "
+                       f"{self.prefix_padding!r}")
     self.pattern = pattern_from_config(self.config)
     self._encode_text = jax.jit(self.text.encode)
     if self.codec is not None:
@@ -187,6 +190,12 @@ class MusicGen:
   def sample_rate(self) -> int:
     return int(self.config.codec.sample_rate)
 
+  @property
+  def prefix_padding(self) -> str:
+    """How a text prefix is padded: 'max_length' (as this project trains) or 'longest' (imported
+    models, and model directories written before the field existed)."""
+    return self.config.text.get("prefix_padding", "longest")
+
   def prefix_length(self, text_len: int) -> int:
     c = self.lm_cfg
     p = c.chroma_length if c.melody else 0
@@ -234,9 +243,10 @@ class MusicGen:
       keep = jnp.asarray(~empty)
       hidden = jnp.where(keep[:, None, None], hidden, jnp.zeros_like(hidden))
       mask = jnp.where(keep[:, None], mask, jnp.zeros_like(mask))
-    if self.lm_cfg.text_conditioning == "prefix":
-      # A text prefix is attended without a mask (as in the reference), so padding would shift every
-      # position: keep only up to the longest prompt of the batch, as padding=True tokenization does.
+    if self.lm_cfg.text_conditioning == "prefix" and self.prefix_padding == "longest":
+      # A text prefix is attended without a mask (as in the reference), so its length moves every
+      # position: models trained on the batch's longest caption (padding=True tokenization, the
+      # imported ones) see only up to the longest prompt. Models trained here saw max_length.
       n = max(int(np.asarray(mask).sum(axis=1).max()), 1)
       hidden, mask = hidden[:, :n], mask[:, :n]
     melody = None

@@ -183,3 +183,29 @@ def test_missing_or_damaged_shipped_model_is_one_line_saying_how_to_restore(samp
   rc, _, err = sample("--prompt", "x", "--duration", "0.1", shipped=True)
   assert rc == 2 and len(err.strip().splitlines()) == 1, err
   assert "shipped model is damaged" in err and biggest.name in err and "TRAINING.md" in err
+
+
+def test_sampling_sees_the_text_prefix_as_training_padded_it():
+  """A prefix model trained here had every caption padded to text.max_length (no mask on the
+  prefix), so sampling pads the same way and the condition equals the training step's; models
+  marked prefix_padding='longest' (imported ones) keep only the longest prompt."""
+  import ml_collections
+  from musicgen_jax.pipeline import MusicGen
+  _, musicgen = _configs()
+  c = musicgen.get_config("tiny_melody")
+  assert c.text.prefix_padding == "max_length"
+  model = MusicGen.random(c)
+  texts = ["a jig", "a slow air in D minor"]
+  conds = model.conditions(texts)
+  tok = {k: jnp.asarray(v) for k, v in model.text.tokenize(texts).items()}
+  hidden, mask = model.text.encode(model.params["text"], tok)     # what lm_task._conditions uses
+  assert conds.text.shape[1] == c.text.max_length
+  np.testing.assert_allclose(np.asarray(conds.text), np.asarray(hidden), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(conds.text_mask), np.asarray(mask))
+  longest = ml_collections.ConfigDict(c.to_dict())
+  longest.text.prefix_padding = "longest"
+  got = MusicGen(longest, model.params, model.text).conditions(texts)
+  assert got.text.shape[1] == int(np.asarray(mask).sum(axis=1).max()) < c.text.max_length
+  longest.text.prefix_padding = "both"
+  with pytest.raises(ValueError, match="prefix_padding must be"):
+    MusicGen(longest, model.params, model.text)

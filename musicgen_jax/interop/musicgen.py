@@ -66,7 +66,8 @@ def _base_config() -> ml_collections.ConfigDict:
   c.variant = ""
   c.model = ml_collections.ConfigDict(dataclasses.asdict(LMConfig()))
   c.pattern = ml_collections.ConfigDict(dict(name="delay", delays=config_dict.placeholder(tuple)))
-  c.text = ml_collections.ConfigDict(dict(kind="t5", max_length=T5_MAX_LENGTH, tokenizer=""))
+  c.text = ml_collections.ConfigDict(dict(kind="t5", max_length=T5_MAX_LENGTH, tokenizer="",
+                                          prefix_padding="longest"))
   c.codec = ml_collections.ConfigDict()
   c.sampling = ml_collections.ConfigDict(sampling_defaults())
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=MESH_AXES))

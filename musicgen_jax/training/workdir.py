@@ -25,7 +25,7 @@ LOCK_FILE = ".lock"
 # Config fields whose change a checkpoint cannot absorb: (prefix, fields under it that may change).
 _FIXED = (
     ("model.", ("model.dtype", "model.dropout", "model.remat", "model.max_positions")),
-    ("text.", ("text.max_length",)),
+    ("text.", ("text.max_length", "text.prefix_padding")),
     ("pattern.", ()),
     ("codec.", ()),
     ("train.grad_accum", ()),
