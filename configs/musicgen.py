@@ -51,7 +51,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, grad_accum=1, ema_decay=0.0, freeze=(),
       cond_dropout=0.2, segment_seconds=30.0, log_every=100, eval_every=1000, eval_batches=0,
       checkpoint_every=1000, keep_checkpoints=3, keep_best=True, async_checkpoints=True,
-      checksums=True, progress=True))
+      checksums=True, progress=True, generate_every=0))
+  # The generative evaluation (musicgen_jax.eval): clips sampled from held-out captions of the
+  # corpus, compared with the real recordings; every train.generate_every steps during training
+  # (0 = off; the validation CE runs every eval_every), and by compare_patterns after training.
+  # duration 0: the sampling duration; speed_seconds: the audio that the speed figure generates.
+  c.eval = ConfigDict(dict(samples=16, duration=0.0, seed=0, speed_seconds=30.0))
   # Data: 'synthetic' (token data for tests and benchmarks), 'manifest' (your audio files, described
   # by a JSONL manifest), 'corpus' (the music21 corpus rendered to audio). Caches live in cache_dir
   # (default <workdir>/data); codec is the model directory whose codec makes the token cache

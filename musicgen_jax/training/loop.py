@@ -65,6 +65,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
   if not t.segment_seconds > 0:
     raise ValueError(f"train.segment_seconds must be > 0, got {t.segment_seconds}")
+  from musicgen_jax.eval import hook
+  hook.check(config)
 
 
 TASKS = {"lm": "musicgen_jax.training.lm_task:LMTask",
@@ -188,6 +190,11 @@ class _Run:
     frames = task.frames * t.batch_size
     t_log, s_log, cur = time.time(), start, start
     evaluator = _Evaluator(task, mesh, rules, state_sh, batch_sh, self.workdir)
+    generative = None
+    if t.get("generate_every", 0):
+      from musicgen_jax.eval import hook
+      data_dir = c.data.get("cache_dir") or os.path.join(self.workdir, "data")
+      generative = hook.GenerativeHook(c, os.path.abspath(data_dir), task.text, self.out)
     try:
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         while cur < t.num_steps:
@@ -213,6 +220,14 @@ class _Run:
               last.update({f"eval_{k}": v for k, v in ev.items()})
               if t.keep_best and primary:
                 evaluator.keep_if_best(cur, ev["loss"], task.export_params(state), c)
+          if generative is not None and generative.due(cur, t.num_steps):
+            from musicgen_jax.eval import hook
+            params = hook.gather(task.export_params(state))
+            if primary:
+              gen = generative.run(params)
+              writer.write(cur, {f"generate/{k}": v for k, v in gen.items()})
+              progress.write(f"step {cur}: generated " + _summary(gen))
+              last.update({f"generate_{k}": v for k, v in gen.items()})
           signum = stop.signum if pc == 1 else (signal.SIGTERM if store.reached_preemption(cur) else 0)
           if cur % t.checkpoint_every == 0 or cur == t.num_steps or signum:
             _raise_if_bad(jax.device_get(acc), store)

@@ -1,0 +1,318 @@
+"""musicgen_jax.eval (one model, every metric), the training hook and compare_patterns.
+
+The metrics are checked on audio whose answers are known: synthetic pieces with a key, a tempo and a
+timbre (three "families"), scored as the evaluation scores a model's samples. Real held-out audio
+must beat the same audio with its captions shuffled, noise, and a randomly initialised model's
+samples; the validation cross-entropy must equal the training loop's evaluation pass.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from musicgen_jax import compare_patterns, patterns
+from musicgen_jax.eval import evaluate as ev, frechet, hook
+from musicgen_jax.eval.classifier import Classifier, features
+from musicgen_jax.eval.reference import Reference, WINDOW_SECONDS, excerpt, windows
+
+SR = 16000
+MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
+TIMBRES = {"pure": (1.0,), "bright": (1.0, 0.7, 0.5, 0.4, 0.3, 0.25), "hollow": (1.0, 0, 0.5, 0, 0.3)}
+
+
+def _piece(tonic: int, mode: str, bpm: int, family: str, seconds: float, rng) -> np.ndarray:
+  """A melody of one-beat notes in the key (tonic-triad heavy, so the key is audible), with a
+  percussive envelope on every beat (so the tempo is), in one of three timbres."""
+  scale = MAJOR if mode == "major" else MINOR
+  beat = 60.0 / bpm
+  n = int(seconds * SR)
+  out = np.zeros(n, np.float32)
+  t = np.arange(int(beat * SR)) / SR
+  env = np.exp(-t / (0.35 * beat))
+  for i in range(int(seconds / beat)):
+    degree = int(rng.choice([0, 0, 2, 4, 4, 1, 3, 5, 6]))
+    pc = tonic + scale[degree]
+    f0 = 220.0 * 2 ** ((pc - 9) / 12) * (2 if rng.random() < 0.3 else 1)
+    bass = 110.0 * 2 ** ((tonic - 9) / 12)      # the tonic under every note
+    note = sum(a * (np.sin(2 * np.pi * f0 * (h + 1) * t) + 0.6 * np.sin(2 * np.pi * bass * (h + 1) * t))
+               for h, a in enumerate(TIMBRES[family]))
+    start = int(i * beat * SR)
+    seg = (0.2 * env * note)[: n - start]
+    out[start:start + len(seg)] += seg.astype(np.float32)
+  return out
+
+
+def _items(count: int, seconds: float, rng) -> list[dict]:
+  out = []
+  for i in range(count):
+    tonic, mode = int(rng.integers(12)), ("major", "minor")[i % 2]
+    bpm, family = int(rng.integers(70, 140)), list(TIMBRES)[i % 3]
+    out.append({"caption": f"{family} piece in {tonic} {mode} at {bpm} bpm", "family": family,
+                "key": (tonic, mode), "bpm": bpm, "audio": _piece(tonic, mode, bpm, family, seconds,
+                                                                  rng)})
+  return out
+
+
+@pytest.fixture(scope="module")
+def synthetic_reference() -> Reference:
+  rng = np.random.default_rng(0)
+  duration = 4.0
+  clip = int(duration * SR)
+  w = int(WINDOW_SECONDS * SR)
+  train = _items(24, 8.0, rng)
+  x = np.stack([features(win, SR) for it in train for win in windows(it["audio"], w)])
+  y = [it["family"] for it in train for _ in windows(it["audio"], w)]
+  clf = Classifier.fit(x, y, classes=tuple(TIMBRES), hidden=32, steps=400)
+  test = _items(12, 8.0, rng)
+  items = [dict(it, first=excerpt(it["audio"], clip), last=excerpt(it["audio"], clip, last=True))
+           for it in test]
+  validation = [excerpt(it["audio"], clip) for it in _items(12, 4.0, rng)]
+  info = {"test_accuracy": 1.0, "test_windows": 0, "window_seconds": WINDOW_SECONDS, "chance": 1 / 3}
+  return Reference(SR, duration, items, validation, clf, info)
+
+
+def test_frechet_distance_matches_the_closed_form():
+  """For Gaussians N(m1, s1^2 I) and N(m2, s2^2 I) in d dimensions the distance is
+  |m1 - m2|^2 + d (s1 - s2)^2; the same set is at distance 0."""
+  rng = np.random.default_rng(0)
+  d, n = 4, 20000
+  x = rng.standard_normal((n, d))
+  y = 2.0 + 3.0 * rng.standard_normal((n, d))
+  assert frechet.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+  assert frechet.frechet_distance(x, y) == pytest.approx(d * 4.0 + d * 4.0, rel=0.03)
+  # Fewer vectors than dimensions: singular covariances, still finite and symmetric.
+  a, b = rng.standard_normal((5, 16)), rng.standard_normal((5, 16)) + 1
+  assert np.isfinite(frechet.frechet_distance(a, b))
+  assert frechet.frechet_distance(a, b) == pytest.approx(frechet.frechet_distance(b, a), rel=1e-4)
+  with pytest.raises(ValueError, match="different sizes"):
+    frechet.frechet_distance(a, b[:, :3])
+
+
+def test_mean_kl_is_zero_for_equal_labels_and_grows_with_disagreement():
+  p = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]])
+  assert frechet.mean_kl(p, p) == pytest.approx(0.0, abs=1e-12)
+  near, far = p[:, [0, 2, 1]], p[::-1]
+  assert 0 < frechet.mean_kl(p, near) < frechet.mean_kl(p, far)
+  expected = np.mean([np.sum(p[i] * np.log(p[i] / far[i])) for i in range(2)])
+  assert frechet.mean_kl(p, far) == pytest.approx(expected, rel=1e-5)
+
+
+def test_every_metric_ranks_real_audio_above_shuffled_captions_and_noise(synthetic_reference):
+  """The evaluation's own reference rows: a second excerpt of each held-out piece (real audio that
+  follows its caption) scores better on every metric than the same excerpts paired with other
+  captions (KL, key, tempo, family) and than noise (the Fréchet distance); real validation audio is
+  far nearer the test audio than noise."""
+  rows = synthetic_reference.baselines()
+  real, shuffled, noise = rows["real"], rows["real, captions shuffled"], rows["noise"]
+  assert real["clips"] == len(synthetic_reference.items) == 12
+  assert real["kl"] < 0.5 * shuffled["kl"]
+  for attr in ("key", "tempo", "family"):
+    assert real[attr] >= 0.6 and real[attr] > shuffled[attr] + 0.2, (attr, real, shuffled)
+  assert real["fd_classifier"] * 5 < noise["fd_classifier"]
+  assert rows["real validation"]["fd_classifier"] * 5 < noise["fd_classifier"]
+  assert noise["key"] < real["key"] and noise["family"] < real["family"]
+
+
+def test_frechet_distance_of_real_audio_is_far_below_a_random_models_samples(tmp_path):
+  """Classifier and codec-encoder embeddings at the tiny codec's 8 kHz: real validation against real
+  test audio, against noise, and against the samples of a randomly initialised MusicGen."""
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import codec as codec_configs, musicgen
+  from musicgen_jax.pipeline import MusicGen
+  sr, duration = 8000, 1.0
+  c = musicgen.get_config("tiny")
+  c.codec = ml_collections.ConfigDict(codec_configs.get_config("tiny").codec.to_dict())
+  c.model.update(num_codebooks=2, card=64)
+  from tests.test_data import _random_params
+  model = MusicGen.random(c, seed=1)
+  model = MusicGen(c, dict(model.params, codec=_random_params(model.codec)), model.text, model.codec)
+  rng = np.random.default_rng(1)
+
+  def at(items):
+    import librosa
+    return [librosa.resample(it["audio"], orig_sr=SR, target_sr=sr).astype(np.float32)
+            for it in items]
+  clip = int(duration * sr)
+  test = at(_items(16, 2.0, rng))
+  val = [excerpt(a, clip) for a in at(_items(16, 2.0, rng))]
+  train = at(_items(12, 2.0, rng))
+  fam = [list(TIMBRES)[i % 3] for i in range(12)]
+  clf = Classifier.fit(np.stack([features(a, sr) for a in train]), fam, hidden=16, steps=200)
+  items = [{"caption": "x", "family": "pure", "key": (0, "major"), "bpm": 100,
+            "first": excerpt(a, clip), "last": excerpt(a, clip, last=True)} for a in test]
+  ref = Reference(sr, duration, items, val, clf, {}, codec=(model.codec, model.params["codec"]))
+  codes = model.generate(["a piece"] * 16, duration, seed=0)
+  samples = [a.mean(axis=0) for a in model.decode(codes)]
+  noise = [(0.1 * rng.standard_normal(clip)).astype(np.float32) for _ in range(16)]
+  real = ref.score(val, attributes_too=False)
+  for other in (ref.score(samples, attributes_too=False), ref.score(noise, attributes_too=False)):
+    assert real["fd_classifier"] * 3 < other["fd_classifier"]
+    assert real["fd_codec"] * 3 < other["fd_codec"]
+
+
+# --- the command and its inputs ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def manifest_run(tmp_path_factory):
+  """A tiny melody LM trained for 2 steps on a manifest's audio, with a tiny random codec
+  (tests/test_data.py's data), evaluated by the loop on the whole validation split."""
+  from tests import test_data as td
+  from musicgen_jax import checkpoint
+  from musicgen_jax.codec.encodec import EncodecConfig, EncodecModel
+  from musicgen_jax.training import loop
+  root = str(tmp_path_factory.mktemp("evalrun"))
+  td._write_audio(root)
+  c = td._config(root, td._manifest(root), os.path.join(root, "codec"))
+  codec = EncodecModel(EncodecConfig.from_hf_dict(td.ENCODEC))
+  model_cfg = td.get_config("tiny")
+  model_cfg.codec = ml_collections.ConfigDict(dict(sample_rate=td.SR, frame_rate=100, channels=1,
+                                                   encodec=td.ENCODEC))
+  checkpoint.save_model(c.data.codec, model_cfg, {"lm": {"w": np.zeros(2, np.float32)},
+                                                  "codec": td._random_params(codec)})
+  c.train.update(num_steps=2, eval_every=2, eval_batches=0, log_every=1, checkpoint_every=2,
+                 progress=False, async_checkpoints=False)
+  workdir = os.path.join(root, "run")
+  loop.train(c, workdir, out=lambda _: None)
+  return {"workdir": workdir, "data": c.data.cache_dir, "config": c}
+
+
+def test_validation_ce_equals_the_training_loops_evaluation(manifest_run):
+  from musicgen_jax import checkpoint
+  from musicgen_jax.pipeline import MusicGen
+  wd = manifest_run["workdir"]
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f if "eval/loss" in line][-1]
+  model = MusicGen.load(wd)
+  config = ev.data_config(checkpoint.read_config(wd), wd, manifest_run["data"])
+  got = ev.validation_ce(model, config, wd, manifest_run["data"], log=lambda _: None)
+  np.testing.assert_allclose(got["ce_per_codebook"], logged["eval/ce_per_codebook"], rtol=1e-5)
+  assert got["tokens"] == logged["eval/tokens"] > 0
+  assert got["loss"] == pytest.approx(logged["eval/loss"], rel=1e-5)
+
+
+def test_eval_command_bad_input_is_one_line(manifest_run, tmp_path, capsys):
+  """No codec, no audio data, a missing data directory, too few samples: one line, exit 2, before
+  anything is generated."""
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import musicgen
+  from musicgen_jax.eval.__main__ import main
+  from musicgen_jax.pipeline import MusicGen
+  plain = str(tmp_path / "plain")
+  MusicGen.random(musicgen.get_config("tiny")).save(plain)
+  wd, data = manifest_run["workdir"], manifest_run["data"]
+  cases = [([plain, "--data", data], "has no codec"),
+           ([wd, "--data", str(tmp_path / "nowhere")], "is not a directory"),
+           ([wd, "--data", data, "--samples", "3"], "too few"),
+           ([wd, "--data", data, "--samples", "8", "--speed-seconds", "0"], "rendered corpus")]
+  for argv, message in cases:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], (argv, err)
+
+
+def test_reference_warns_when_the_test_split_is_smaller_than_asked(synthetic_reference):
+  ref = synthetic_reference
+  lines = ref.warnings({"classifier": 64})
+  assert len(lines) == 1 and "fewer than the 65" in lines[0]
+  assert ref.warnings({"classifier": 8}) == []
+
+
+# --- compare_patterns --------------------------------------------------------------------------------
+
+def test_pattern_specs_parse_and_bad_ones_name_the_valid_choices():
+  assert compare_patterns.parse_pattern("delay", 4) == ("delay", {})
+  name, opts = compare_patterns.parse_pattern("delay:delays=0,2,4,6", 4)
+  assert (name, opts) == ("delay", {"delays": (0, 2, 4, 6)})
+  assert compare_patterns.label(name, opts) == "delay-delays_0_2_4_6"
+  assert compare_patterns.parse_pattern("musiclm:group_by=2", 4) == ("musiclm", {"group_by": 2})
+  with pytest.raises(ValueError, match="valid names are parallel, delay, unroll, coarse_first"):
+    compare_patterns.parse_pattern("flatten", 4)
+  with pytest.raises(ValueError, match="takes delays="):
+    compare_patterns.parse_pattern("delay:group_by=2", 4)
+  with pytest.raises(ValueError, match="delays"):
+    compare_patterns.parse_pattern("delay:delays=0,1", 4)      # 2 delays for 4 codebooks
+  assert set(patterns.PATTERN_NAMES) == {"parallel", "delay", "unroll", "coarse_first", "musiclm"}
+
+
+def test_a_budget_too_small_or_a_bad_pattern_stops_before_training(tmp_path, monkeypatch):
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import patterns as patterns_config
+  from musicgen_jax.training import loop
+  trained = []
+  monkeypatch.setattr(loop, "train", lambda *a, **k: trained.append(a))
+  c = patterns_config.get_config("tiny")
+  with pytest.raises(ValueError, match="too small to finish a single evaluation.*at least 50"):
+    compare_patterns.compare(c, [], 49, str(tmp_path / "w"))
+  with pytest.raises(ValueError, match="valid names"):
+    compare_patterns.compare(c, ["delay", "nope"], 300, str(tmp_path / "w"))
+  with pytest.raises(ValueError, match="twice"):
+    compare_patterns.compare(c, ["delay", "delay"], 300, str(tmp_path / "w"))
+  assert trained == [] and not os.path.exists(tmp_path / "w")
+
+
+def test_runs_differ_only_in_their_pattern():
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import patterns as patterns_config
+  from musicgen_jax.training import workdir
+  base = patterns_config.get_config("tiny")
+  a = compare_patterns.run_config(base, "delay", {}, 300)
+  b = compare_patterns.run_config(base, "unroll", {"flattening": (0, 1, 1, 2)}, 300)
+  diff = {k for k, v in workdir.flatten(a).items() if workdir.flatten(b).get(k) != v}
+  assert diff == {"pattern.name", "pattern.flattening"}
+  assert a.train.num_steps == b.train.num_steps == 300
+
+
+def test_generative_hook_is_checked_before_training():
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import musicgen
+  c = musicgen.get_config("tiny")
+  hook.check(c)                                   # off by default
+  c.train.generate_every = 5
+  with pytest.raises(ValueError, match="needs data.kind='corpus'"):
+    hook.check(c)
+  c.data.kind = "corpus"
+  with pytest.raises(ValueError, match="needs a codec"):
+    hook.check(c)
+  c.train.generate_every = -1
+  with pytest.raises(ValueError, match=">= 0"):
+    hook.check(c)
+
+
+def test_training_runs_the_generative_evaluation_at_its_interval(tmp_path, monkeypatch):
+  """train.generate_every: the hook gets the current weights on the host at every multiple and at the
+  last step, and what it measures lands in metrics.jsonl as generate/*."""
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import musicgen
+  from musicgen_jax.training import loop
+  calls = []
+
+  class Recording(hook.GenerativeHook):
+    def __init__(self, config, data_dir, text, log):
+      self.every = int(config.train.generate_every)
+
+    def run(self, params):
+      calls.append(sorted(params))
+      assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+      return {"fd_classifier": float(len(calls))}
+  monkeypatch.setattr(hook, "GenerativeHook", Recording)
+  monkeypatch.setattr(hook, "check", lambda config: None)
+  c = musicgen.get_config("tiny")
+  c.train.update(num_steps=5, generate_every=2, eval_every=0, checkpoint_every=5, log_every=5,
+                 progress=False, async_checkpoints=False)
+  loop.train(c, str(tmp_path / "run"), out=lambda _: None)
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    got = [(m["step"], m["generate/fd_classifier"]) for m in map(json.loads, f)
+           if "generate/fd_classifier" in m]
+  assert got == [(2, 1.0), (4, 2.0), (5, 3.0)]
+  assert calls[0] == ["lm", "text"]
