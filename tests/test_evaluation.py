@@ -25,14 +25,15 @@ MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
 TIMBRES = {"pure": (1.0,), "bright": (1.0, 0.7, 0.5, 0.4, 0.3, 0.25), "hollow": (1.0, 0, 0.5, 0, 0.3)}
 
 
-def _piece(tonic: int, mode: str, bpm: int, family: str, seconds: float, rng) -> np.ndarray:
+def _piece(tonic: int, mode: str, bpm: int, family: str, seconds: float, rng, sr: int = SR
+           ) -> np.ndarray:
   """A melody of one-beat notes in the key (tonic-triad heavy, so the key is audible), with a
   percussive envelope on every beat (so the tempo is), in one of three timbres."""
   scale = MAJOR if mode == "major" else MINOR
   beat = 60.0 / bpm
-  n = int(seconds * SR)
+  n = int(seconds * sr)
   out = np.zeros(n, np.float32)
-  t = np.arange(int(beat * SR)) / SR
+  t = np.arange(int(beat * sr)) / sr
   env = np.exp(-t / (0.35 * beat))
   for i in range(int(seconds / beat)):
     degree = int(rng.choice([0, 0, 2, 4, 4, 1, 3, 5, 6]))
@@ -41,20 +42,20 @@ def _piece(tonic: int, mode: str, bpm: int, family: str, seconds: float, rng) ->
     bass = 110.0 * 2 ** ((tonic - 9) / 12)      # the tonic under every note
     note = sum(a * (np.sin(2 * np.pi * f0 * (h + 1) * t) + 0.6 * np.sin(2 * np.pi * bass * (h + 1) * t))
                for h, a in enumerate(TIMBRES[family]))
-    start = int(i * beat * SR)
+    start = int(i * beat * sr)
     seg = (0.2 * env * note)[: n - start]
     out[start:start + len(seg)] += seg.astype(np.float32)
   return out
 
 
-def _items(count: int, seconds: float, rng) -> list[dict]:
+def _items(count: int, seconds: float, rng, sr: int = SR) -> list[dict]:
   out = []
   for i in range(count):
     tonic, mode = int(rng.integers(12)), ("major", "minor")[i % 2]
     bpm, family = int(rng.integers(70, 140)), list(TIMBRES)[i % 3]
     out.append({"caption": f"{family} piece in {tonic} {mode} at {bpm} bpm", "family": family,
-                "key": (tonic, mode), "bpm": bpm, "audio": _piece(tonic, mode, bpm, family, seconds,
-                                                                  rng)})
+                "key": (tonic, mode), "bpm": bpm,
+                "audio": _piece(tonic, mode, bpm, family, seconds, rng, sr)})
   return out
 
 
@@ -135,13 +136,11 @@ def test_frechet_distance_of_real_audio_is_far_below_a_random_models_samples(tmp
   rng = np.random.default_rng(1)
 
   def at(items):
-    import librosa
-    return [librosa.resample(it["audio"], orig_sr=SR, target_sr=sr).astype(np.float32)
-            for it in items]
+    return [it["audio"] for it in items]
   clip = int(duration * sr)
-  test = at(_items(16, 2.0, rng))
-  val = [excerpt(a, clip) for a in at(_items(16, 2.0, rng))]
-  train = at(_items(12, 2.0, rng))
+  test = at(_items(16, 2.0, rng, sr))
+  val = [excerpt(a, clip) for a in at(_items(16, 2.0, rng, sr))]
+  train = at(_items(12, 2.0, rng, sr))
   fam = [list(TIMBRES)[i % 3] for i in range(12)]
   clf = Classifier.fit(np.stack([features(a, sr) for a in train]), fam, hidden=16, steps=200)
   items = [{"caption": "x", "family": "pure", "key": (0, "major"), "bpm": 100,
@@ -158,10 +157,24 @@ def test_frechet_distance_of_real_audio_is_far_below_a_random_models_samples(tmp
 
 # --- the command and its inputs ----------------------------------------------------------------------
 
+class _RecordingHook(hook.GenerativeHook):
+  """The loop's generative hook with its measurement replaced by a record of the calls."""
+  calls: list = []
+
+  def __init__(self, config, data_dir, text, log):
+    self.every = int(config.train.generate_every)
+
+  def run(self, params):
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    self.calls.append(sorted(params))
+    return {"fd_classifier": float(len(self.calls))}
+
+
 @pytest.fixture(scope="module")
 def manifest_run(tmp_path_factory):
-  """A tiny melody LM trained for 2 steps on a manifest's audio, with a tiny random codec
-  (tests/test_data.py's data), evaluated by the loop on the whole validation split."""
+  """A tiny melody LM trained for 3 steps on a manifest's audio, with a tiny random codec
+  (tests/test_data.py's data), evaluated by the loop on the whole validation split; its generative
+  hook (every 2 steps) records what it is given."""
   from tests import test_data as td
   from musicgen_jax import checkpoint
   from musicgen_jax.codec.encodec import EncodecConfig, EncodecModel
@@ -175,11 +188,15 @@ def manifest_run(tmp_path_factory):
                                                    encodec=td.ENCODEC))
   checkpoint.save_model(c.data.codec, model_cfg, {"lm": {"w": np.zeros(2, np.float32)},
                                                   "codec": td._random_params(codec)})
-  c.train.update(num_steps=2, eval_every=2, eval_batches=0, log_every=1, checkpoint_every=2,
-                 progress=False, async_checkpoints=False)
+  c.train.update(num_steps=3, eval_every=3, eval_batches=0, log_every=1, checkpoint_every=3,
+                 progress=False, async_checkpoints=False, generate_every=2)
   workdir = os.path.join(root, "run")
-  loop.train(c, workdir, out=lambda _: None)
-  return {"workdir": workdir, "data": c.data.cache_dir, "config": c}
+  _RecordingHook.calls = []
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(hook, "GenerativeHook", _RecordingHook)
+    mp.setattr(hook, "check", lambda config: None)
+    loop.train(c, workdir, out=lambda _: None)
+  return {"workdir": workdir, "data": c.data.cache_dir, "config": c, "hook": _RecordingHook.calls}
 
 
 def test_validation_ce_equals_the_training_loops_evaluation(manifest_run):
@@ -288,31 +305,49 @@ def test_generative_hook_is_checked_before_training():
     hook.check(c)
 
 
-def test_training_runs_the_generative_evaluation_at_its_interval(tmp_path, monkeypatch):
+def test_training_runs_the_generative_evaluation_at_its_interval(manifest_run):
   """train.generate_every: the hook gets the current weights on the host at every multiple and at the
   last step, and what it measures lands in metrics.jsonl as generate/*."""
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import musicgen
-  from musicgen_jax.training import loop
-  calls = []
-
-  class Recording(hook.GenerativeHook):
-    def __init__(self, config, data_dir, text, log):
-      self.every = int(config.train.generate_every)
-
-    def run(self, params):
-      calls.append(sorted(params))
-      assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
-      return {"fd_classifier": float(len(calls))}
-  monkeypatch.setattr(hook, "GenerativeHook", Recording)
-  monkeypatch.setattr(hook, "check", lambda config: None)
-  c = musicgen.get_config("tiny")
-  c.train.update(num_steps=5, generate_every=2, eval_every=0, checkpoint_every=5, log_every=5,
-                 progress=False, async_checkpoints=False)
-  loop.train(c, str(tmp_path / "run"), out=lambda _: None)
-  with open(tmp_path / "run" / "metrics.jsonl") as f:
+  with open(os.path.join(manifest_run["workdir"], "metrics.jsonl")) as f:
     got = [(m["step"], m["generate/fd_classifier"]) for m in map(json.loads, f)
            if "generate/fd_classifier" in m]
-  assert got == [(2, 1.0), (4, 2.0), (5, 3.0)]
-  assert calls[0] == ["lm", "text"]
+  assert got == [(2, 1.0), (3, 2.0)]
+  assert manifest_run["hook"] == [["lm", "text"]] * 2
+
+
+@pytest.mark.slow   # renders a corpus and trains and evaluates two LMs: a few minutes on 2 cores
+def test_compare_patterns_end_to_end_and_resume(tmp_path):
+  """Two patterns on the tiny corpus with a tiny random codec: one table, the plots, an evaluation per
+  pattern; a second call trains nothing and evaluates nothing again."""
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from tests import test_corpus
+  if not test_corpus.HAVE_SYNTH:
+    pytest.skip("needs fluidsynth and timgm6mb-soundfont")
+  from configs import codec as codec_configs, musicgen
+  from musicgen_jax import checkpoint
+  from musicgen_jax.codec.encodec import EncodecModel, EncodecConfig
+  from tests.test_data import _random_params
+  codec_cfg = codec_configs.get_config("tiny")
+  codec_dir = str(tmp_path / "codec")
+  codec = EncodecModel(EncodecConfig.from_hf_dict(codec_cfg.codec.encodec.to_dict()))
+  checkpoint.save_model(codec_dir, codec_cfg, {"codec": _random_params(codec)})
+  c = musicgen.get_config("tiny")
+  c.model.update(num_codebooks=2, card=64)
+  c.data.update(kind="corpus", corpus="tiny", codec=codec_dir, cache_dir=str(tmp_path / "data"))
+  c.data.corpus_options = {"renderings": 2, "max_seconds": 3.0, "test_fraction": 0.3}
+  c.train.update(num_steps=4, eval_every=2, warmup_steps=1, log_every=2, checkpoint_every=2,
+                 progress=False, async_checkpoints=False)
+  c.eval.update(samples=8, duration=1.0, speed_seconds=2.0)
+  lines = []
+  out = compare_patterns.compare(c, ["parallel", "delay:delays=0,2"], 4, str(tmp_path / "w"),
+                                 log=lines.append)
+  assert list(out["patterns"]) == ["parallel", "delay-delays_0_2"]
+  for r in out["patterns"].values():
+    assert r["step"] == 4 and r["ce"]["tokens"] > 0 and "fd_classifier" in r["rows"]["model"]
+  for name in ("compare.md", "compare.json", "loss_curves.png", "metrics.png"):
+    assert os.path.getsize(tmp_path / "w" / name) > 0
+  again = []
+  compare_patterns.compare(c, ["parallel", "delay:delays=0,2"], 4, str(tmp_path / "w"),
+                           log=again.append)
+  assert sum("evaluated before" in line for line in again) == 2

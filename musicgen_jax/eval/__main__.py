@@ -1,5 +1,5 @@
 """Evaluate a model: `python -m musicgen_jax.eval MODEL_DIR --data DATA_DIR [--samples 32]
-[--duration S] [--speed-seconds 30] [--seed 0] [--out DIR]`.
+[--duration S] [--speed-seconds 30] [--seed 0] [--random-baseline] [--out DIR]`.
 
 Writes eval.json, eval.md and eval.png to --out (default MODEL_DIR/eval) and prints the table. What
 is measured: musicgen_jax/eval/evaluate.py. DATA_DIR: the data directory the model was trained with
@@ -22,12 +22,15 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--speed-seconds", type=float, default=30.0, help="0: skip the speed measurement")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None)
+  p.add_argument("--random-baseline", action="store_true", help="also score the samples of a "
+                 "model of the same shape with random weights (the model's codec)")
   args = p.parse_args(argv)
   from musicgen_jax import checkpoint
   from musicgen_jax.data.manifest import write_json
   from musicgen_jax.eval import evaluate as ev
   settings = ev.EvalSettings(samples=args.samples, duration=args.duration, seed=args.seed,
-                             speed_seconds=args.speed_seconds)
+                             speed_seconds=args.speed_seconds,
+                             random_baseline=args.random_baseline)
   out = args.out or os.path.join(args.model_dir, "eval")
   try:
     ev.check_settings(settings)

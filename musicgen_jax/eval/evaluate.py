@@ -8,7 +8,8 @@
             codec encoder's embeddings, KL of the classifier's labels, key / tempo / family accuracy)
   floor     unconditional samples (the null condition), scored the same way
   baselines real audio (a second excerpt of each test rendering: the ceiling), real audio with the
-            captions shuffled, real validation audio and noise
+            captions shuffled, real validation audio and noise; with `random_baseline`, the samples
+            of a model of the same shape with random LM and text weights (and the model's codec)
   melody    (melody models) chroma cosine similarity between a test rendering's melody and the
             audio generated with it, against text-only samples of the same captions
   speed     decode steps and wall seconds to generate `speed_seconds` of audio at batch 1 (warm: a
@@ -43,6 +44,7 @@ class EvalSettings:
   speed_seconds: float = 30.0   # 0: no speed measurement
   batch: int = 16            # prompts per generate call (one compiled shape)
   min_samples: int = 8       # below this the attribute rates mean nothing: refused
+  random_baseline: bool = False  # also score a model of the same shape with random LM weights
 
 
 def check_settings(s: EvalSettings) -> None:
@@ -206,6 +208,13 @@ def evaluate(model_dir: str, data_dir: str, settings: EvalSettings = EvalSetting
   result["generation_seconds"] = round(time.time() - t, 1)
   rows = {"model": reference.score(generated), FLOOR: reference.score(unconditional)}
   rows.update(reference.baselines(settings.seed))
+  if settings.random_baseline:
+    from musicgen_jax.pipeline import MusicGen as _MusicGen
+    rand = _MusicGen.random(model.config, seed=settings.seed)
+    rand = _MusicGen(model.config, dict(rand.params, codec=model.params["codec"]), model.text,
+                     model.codec)
+    rows["random weights (same codec)"] = reference.score(
+        generate_clips(rand, captions, duration, settings.seed, settings.batch))
   result["rows"] = rows
   if model.lm_cfg.melody:
     result["melody"] = melody_following(model, reference, generated, duration, settings)

@@ -95,6 +95,11 @@ def metric_bars(results: dict[str, dict], path: str, baselines: dict[str, dict] 
           [baselines[b].get(key, np.nan) for b in extra]
     colors = [f"C{i}" for i in range(len(labels))] + ["tab:gray"] * (len(names) - len(labels))
     ax.barh(range(len(names)), vals, color=colors)
+    finite = [v for v in vals if np.isfinite(v) and v > 0]
+    if key == "ce" and finite:        # the differences sit near ln(card): zoom in on them
+      ax.set_xlim(min(finite) - 0.05, max(finite) + 0.02)
+    elif key.startswith("fd_") and finite:   # noise is orders of magnitude away
+      ax.set_xscale("log")
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_title(title, fontsize=9)
