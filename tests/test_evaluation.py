@@ -351,3 +351,11 @@ def test_compare_patterns_end_to_end_and_resume(tmp_path):
   compare_patterns.compare(c, ["parallel", "delay:delays=0,2"], 4, str(tmp_path / "w"),
                            log=again.append)
   assert sum("evaluated before" in line for line in again) == 2
+
+
+def test_key_estimate_works_below_the_cqt_rate():
+  """An 8 kHz model's audio (the tiny codec's rate) is resampled for the chroma, not refused."""
+  from musicgen_jax.eval import attributes
+  rng = np.random.default_rng(3)
+  audio = _piece(7, "major", 100, "bright", 4.0, rng, sr=8000)
+  assert attributes.key_matches(attributes.estimate_key(audio, 8000), 7, "major")

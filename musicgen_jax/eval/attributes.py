@@ -29,6 +29,7 @@ KS_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69,
 FIFTH_LEAK = 0.3   # share of a pitch class's chroma that its harmonics add a fifth above it
 PITCH_CLASSES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 _MAJOR_MODES = ("major", "ionian", "lydian", "mixolydian")
+CQT_MIN_RATE = 16000   # lower rates are resampled up for the chroma
 
 
 def _mono(audio: np.ndarray) -> np.ndarray:
@@ -42,7 +43,11 @@ def _mono(audio: np.ndarray) -> np.ndarray:
 def pitch_class_profile(audio: np.ndarray, sample_rate: int) -> np.ndarray:
   """float64 [12]: the constant-Q chroma of `audio` summed over time (C first), summing to 1."""
   import librosa
-  chroma_ct = librosa.feature.chroma_cqt(y=_mono(audio), sr=sample_rate)  # [12, T]
+  y = _mono(audio)
+  if sample_rate < CQT_MIN_RATE:   # the CQT's top octave (to C8, 4.2 kHz) needs this rate
+    y = librosa.resample(y, orig_sr=sample_rate, target_sr=CQT_MIN_RATE)
+    sample_rate = CQT_MIN_RATE
+  chroma_ct = librosa.feature.chroma_cqt(y=y, sr=sample_rate)  # [12, T]
   profile = chroma_ct.sum(axis=1).astype(np.float64)
   return profile / max(profile.sum(), 1e-12)
 
