@@ -125,3 +125,15 @@ def text_lm() -> TinyLM:
 @pytest.fixture(scope="session")
 def melody_lm() -> TinyLM:
   return _tiny(MELODY_CFG, 1)
+
+
+# Variants that repeat a path another variant already covers, kept out of CI's 15 minutes
+# (run them with `-m slow`): fine-tuning the converted melody model (17 s) repeats the plain one's
+# path with a chroma input that the melody sampling and conversion tests cover.
+_SLOW_VARIANTS = ("test_convert.py::test_fine_tune_a_converted_model_on_audio_files[melody]",)
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.nodeid.endswith(_SLOW_VARIANTS):
+      item.add_marker(pytest.mark.slow)

@@ -146,9 +146,9 @@ def test_frechet_distance_of_real_audio_is_far_below_a_random_models_samples(tmp
   items = [{"caption": "x", "family": "pure", "key": (0, "major"), "bpm": 100,
             "first": excerpt(a, clip), "last": excerpt(a, clip, last=True)} for a in test]
   ref = Reference(sr, duration, items, val, clf, {}, codec=(model.codec, model.params["codec"]))
-  codes = model.generate(["a piece"] * 16, duration, seed=0)
+  codes = model.generate(["a piece"] * 8, duration, seed=0)
   samples = [a.mean(axis=0) for a in model.decode(codes)]
-  noise = [(0.1 * rng.standard_normal(clip)).astype(np.float32) for _ in range(16)]
+  noise = [(0.1 * rng.standard_normal(clip)).astype(np.float32) for _ in range(8)]
   real = ref.score(val, attributes_too=False)
   for other in (ref.score(samples, attributes_too=False), ref.score(noise, attributes_too=False)):
     assert real["fd_classifier"] * 3 < other["fd_classifier"]
