@@ -6,8 +6,12 @@ first), then exported in bfloat16. The whole recipe, one command from the reposi
 
     python train.py --config configs/demo.py:codec --workdir runs/demo-codec && \
     python train.py --config configs/demo.py:lm --workdir runs/demo-lm && \
+    python train.py --config configs/demo.py:lm --workdir runs/demo-lm --config.train.num_steps=2000 && \
     python -m musicgen_jax.export runs/demo-lm models/demo --dtype bfloat16 --overwrite
 
+The LM trains in two stages, as the shipped weights did: 500 steps with their own warmup and cosine
+decay, then the same run continued to 2000 steps, whose schedule restarts from its value at step
+500 of a 2000-step cosine (a warm restart: the learning rate goes back up to 0.87 of its peak).
 models/demo/TRAINING.md records the run that made the shipped weights.
 
 codec  EnCodec geometry at 32 kHz mono, hop 640 (50 Hz frames), 4 codebooks of 512, 16 base filters,
@@ -21,9 +25,10 @@ codec  EnCodec geometry at 32 kHz mono, hop 640 (50 Hz frames), 4 codebooks of 5
 lm     4 layers, D 256, 4 heads, FFN 1024 (4.2M parameters with the heads and embeddings), the
        learned byte-level text encoder (2 layers, D 256) and the chroma melody, both as a prefix as
        MusicGen-Melody does; 8 s segments, batch 8, 500 steps (2.8 s a step on a 2-core CPU:
-       about 25 minutes). 576 positions: the longest text prefix (96 bytes), the melody prefix (64
-       chroma frames) and 8.2 s of audio, the length it learnt; longer samples are generated in
-       overlapping windows of that length, as for the released models. Pattern: "delay" (the paper's choice for its released
+       about 25 minutes), then continued to 2000 (the recipe above). 576 positions: the longest
+       text prefix (96 bytes), the melody prefix (64 chroma frames) and 8.2 s of audio, the length
+       it learnt; longer samples are generated in overlapping windows of that length, as for the
+       released models. Pattern: "delay" (the paper's choice for its released
        models): one decoder step per frame, so an 8 s sample is 403 steps, where flattening would
        take 4 times as many (too slow for a sample in under a minute on a CPU) and parallel
        predicts the codebooks of a frame independently, which the paper found clearly worse.
