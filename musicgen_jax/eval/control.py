@@ -138,18 +138,8 @@ def attribute_prompts(n: int, rng: np.random.Generator) -> dict[str, dict]:
 def _generate(model, prompts: list[str], duration: float, seed: int, chroma=None,
               batch: int = 16) -> list[np.ndarray]:
   """Mono float32 clips, one per prompt, in batches of `batch` (one compiled shape)."""
-  from musicgen_jax import sampling
-  settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict())
-  clips = []
-  for s in range(0, len(prompts), batch):
-    part = list(prompts[s:s + batch])
-    pad = batch - len(part)
-    c = None if chroma is None else np.concatenate(
-        [chroma[s:s + batch], np.repeat(chroma[s:s + 1], pad, axis=0)])
-    codes = model.generate(part + [part[0]] * pad, duration, settings, seed=seed + s, chroma=c)
-    audio = model.decode(codes)
-    clips += [a.mean(axis=0) for a in audio[:len(part)]]
-  return clips
+  from musicgen_jax.eval.evaluate import generate_clips
+  return generate_clips(model, prompts, duration, seed, batch, chroma)
 
 
 def _match_rate(attr: str, clips: list[np.ndarray], truth: list, sr: int, clf) -> list[bool]:
