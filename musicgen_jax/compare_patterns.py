@@ -141,13 +141,8 @@ def compare(base: ml_collections.ConfigDict, specs: list[str], budget: int, work
     from musicgen_jax.pipeline import MusicGen
     model = MusicGen.load(run_dir)
     if reference is None:
-      from musicgen_jax.eval.reference import Reference
-      config = ev.data_config(model.config, run_dir, data_dir)
-      duration = min(settings.duration or float(model.config.sampling.duration),
-                     model.max_duration())
-      reference = Reference.from_corpus(ev.corpus_root(config, data_dir), model.sample_rate,
-                                        duration, settings.samples, settings.seed,
-                                        codec=(model.codec, model.params["codec"]), log=log)
+      reference = ev.build_reference(model, ev.data_config(model.config, run_dir, data_dir),
+                                     data_dir, settings, (model.codec, model.params["codec"]), log)
     result = ev.evaluate(run_dir, data_dir, settings, model=model, reference=reference, log=log)
     result.update(step=budget, settings=settings.__dict__, label=lab)
     os.makedirs(os.path.dirname(cached), exist_ok=True)

@@ -172,7 +172,6 @@ def evaluate(model_dir: str, data_dir: str, settings: EvalSettings = EvalSetting
              model=None, reference=None, log: Log = print) -> dict:
   """Every metric of the module docstring for the model in `model_dir` -> a JSON-able dict.
   `model` / `reference`: already loaded ones (compare_patterns shares one reference)."""
-  from musicgen_jax.eval.reference import Reference
   from musicgen_jax.pipeline import MusicGen
   check_settings(settings)
   t0 = time.time()
@@ -182,16 +181,13 @@ def evaluate(model_dir: str, data_dir: str, settings: EvalSettings = EvalSetting
     raise ValueError(f"{model_dir} has no codec, so nothing can be listened to: evaluate a model "
                      "directory trained with data.codec (or converted with its EnCodec)")
   config = data_config(model.config, model_dir, data_dir)
-  duration = settings.duration or min(float(model.config.sampling.duration), model.max_duration())
-  duration = min(duration, model.max_duration())
+  duration = clip_seconds(model, settings)
   result: dict = {"model": model_dir, "data": data_dir, "pattern": _pattern_name(model.config),
                   "duration": duration, "seed": settings.seed}
   result["ce"] = validation_ce(model, config, model_dir, data_dir, log)
   if reference is None:
-    root = corpus_root(config, data_dir)
-    reference = Reference.from_corpus(root, model.sample_rate, duration, settings.samples,
-                                      settings.seed, codec=(model.codec, model.params["codec"]),
-                                      log=log)
+    reference = build_reference(model, config, data_dir, settings,
+                                (model.codec, model.params["codec"]), log)
   result["warnings"] = reference.warnings(
       {"classifier": reference.classifier.params["w1"].shape[1],
        "codec": int(reference.codec_embeddings(reference.validation[:1]).shape[-1])})
@@ -222,6 +218,22 @@ def evaluate(model_dir: str, data_dir: str, settings: EvalSettings = EvalSetting
     result["speed"] = measure_speed(model, settings.speed_seconds, log)
   result["seconds"] = round(time.time() - t0, 1)
   return result
+
+
+def clip_seconds(model, settings: EvalSettings) -> float:
+  """Seconds per evaluated clip: settings.duration, else the model's sampling duration; at most the
+  model's window."""
+  return min(settings.duration or float(model.config.sampling.duration), model.max_duration())
+
+
+def build_reference(model, config: ml_collections.ConfigDict, data_dir: str,
+                    settings: EvalSettings, codec, log: Log = print):
+  """The held-out references (eval/reference.py) of `config`'s corpus under DATA_DIR, in clips of
+  clip_seconds; `codec`: (EncodecModel, params) for the codec embeddings."""
+  from musicgen_jax.eval.reference import Reference
+  return Reference.from_corpus(corpus_root(config, data_dir), model.sample_rate,
+                               clip_seconds(model, settings), settings.samples, settings.seed,
+                               codec=codec, log=log)
 
 
 def melody_following(model, reference, text_only: list[np.ndarray], duration: float,

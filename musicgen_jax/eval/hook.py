@@ -56,7 +56,6 @@ class GenerativeHook:
     'family', 'seconds'} of the samples."""
     from musicgen_jax import checkpoint
     from musicgen_jax.eval import evaluate as ev
-    from musicgen_jax.eval.reference import Reference
     from musicgen_jax.pipeline import MusicGen
     t0 = time.time()
     if self._codec is None:
@@ -64,13 +63,10 @@ class GenerativeHook:
     codec, codec_params = self._codec
     model = MusicGen(self.config, {"lm": params["lm"], "text": params["text"], "codec": codec_params},
                      self.text, codec)
-    duration = min(self.settings.duration or float(self.config.sampling.duration),
-                   model.max_duration())
+    duration = ev.clip_seconds(model, self.settings)
     if self._reference is None:
-      root = ev.corpus_root(self.config, self.data_dir)
-      self._reference = Reference.from_corpus(root, model.sample_rate, duration,
-                                              self.settings.samples, self.settings.seed,
-                                              codec=self._codec, log=self.log)
+      self._reference = ev.build_reference(model, self.config, self.data_dir, self.settings,
+                                           self._codec, self.log)
     ref = self._reference
     clips = ev.generate_clips(model, [it["caption"] for it in ref.items], duration,
                               self.settings.seed, self.settings.batch)
