@@ -130,6 +130,7 @@ class MusicGen:
                        f"{self.prefix_padding!r}")
     self.pattern = pattern_from_config(self.config)
     self._encode_text = jax.jit(self.text.encode)
+    self._token_ce = None   # built by token_ce on first use
     if self.codec is not None:
       self._codec_decode = jax.jit(self.codec.decode)
       self._codec_encode = jax.jit(self.codec.encode, static_argnums=2)
@@ -275,6 +276,36 @@ class MusicGen:
                               **({} if self.mesh is None else {"mesh": self.mesh, "rules": self._rules}))
     return np.asarray(codes)
 
+  def token_ce(self, codes: np.ndarray, texts: Sequence[str], chroma: np.ndarray | None = None,
+               frames: int | None = None) -> np.ndarray:
+    """Teacher-forced cross-entropy of codes [B, K, T] given texts (and melody chroma) -> float [B].
+
+    The mean over the codebooks and the pattern's valid positions of -log p(token), in nats, under
+    the conditions sampling uses (the same text padding, null text for '', melody window): how
+    likely the model finds these codes after this prompt. Comparing a recording's CE under its own
+    caption with its CE under an altered one measures whether the model uses what was altered.
+    `frames` counts only the first frames (where the prompt is all the model has to go on).
+    """
+    codes = jnp.asarray(codes, jnp.int32)
+    if codes.ndim != 3 or codes.shape[1] != self.lm_cfg.num_codebooks or codes.shape[0] != len(texts):
+      raise ValueError(f"codes must be [B={len(texts)}, K={self.lm_cfg.num_codebooks}, T], got "
+                       f"{tuple(codes.shape)}")
+    if self._token_ce is None:
+      model = lm_lib.MusicGenLM(self.lm_cfg, deterministic=True)
+
+      def ce(params, codes_bkt, conds, frames):
+        steps = self.pattern.build(codes_bkt, self.lm_cfg.special_token)
+        logits = model.apply({"params": params}, steps, conds)
+        logits_bktc, mask_kt = self.pattern.revert_logits(logits, codes_bkt.shape[-1])
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits_bktc.astype(jnp.float32)),
+                                   codes_bkt[..., None], axis=-1)[..., 0]
+        w = (jnp.asarray(mask_kt, jnp.float32) * (jnp.arange(codes_bkt.shape[-1]) < frames))[None]
+        return jnp.sum(nll * w, axis=(1, 2)) / jnp.maximum(jnp.sum(w), 1.0)
+      self._token_ce = jax.jit(ce)
+    frames = codes.shape[-1] if frames is None else max(1, min(int(frames), codes.shape[-1]))
+    return np.asarray(self._token_ce(self.params["lm"], codes, self.conditions(texts, chroma),
+                                     jnp.int32(frames)))
+
   def check_memory(self, batch: int, duration: float,
                    settings: sampling.SamplingSettings = sampling.SamplingSettings(),
                    free_bytes: int | None = None) -> dict[str, int] | None:
@@ -368,15 +399,22 @@ class MusicGen:
     from musicgen_jax import audio as audio_lib
     self._need_codec("--prompt-audio")
     wav, sr = audio_lib.read_audio(path)
-    wav = audio_lib.resample(wav, sr, self.codec.sample_rate)
+    return self.encode_audio(audio_lib.resample(wav, sr, self.codec.sample_rate)[None])
+
+  def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+    """Audio float [B, C, N] at the codec's sample rate -> codes [B, K, T] at the model's frame
+    rate: channels mixed down or duplicated to what the model takes; stereo models (two streams of
+    a mono codec) get their left / right codebooks interleaved."""
+    from musicgen_jax import audio as audio_lib
+    self._need_codec("encoding audio")
     streams = self._codec_streams
-    wav = audio_lib.to_channels(wav, streams * self.codec.channels)
+    wav = np.stack([audio_lib.to_channels(a, streams * self.codec.channels) for a in audio])
     n_q = self.lm_cfg.num_codebooks // streams
-    encode = lambda x: np.asarray(self._codec_encode(self.params["codec"], jnp.asarray(x[None]), n_q))
+    encode = lambda x: np.asarray(self._codec_encode(self.params["codec"], jnp.asarray(x), n_q))
     if streams == 1:
       return encode(wav)
-    left, right = encode(wav[0:1]), encode(wav[1:2])   # the mono codec per channel
-    out = np.empty((1, 2 * n_q, left.shape[-1]), left.dtype)
+    left, right = encode(wav[:, 0:1]), encode(wav[:, 1:2])   # the mono codec per channel
+    out = np.empty((len(wav), 2 * n_q, left.shape[-1]), left.dtype)
     out[:, 0::2], out[:, 1::2] = left, right
     return out
 

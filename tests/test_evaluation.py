@@ -359,3 +359,77 @@ def test_key_estimate_works_below_the_cqt_rate():
   rng = np.random.default_rng(3)
   audio = _piece(7, "major", 100, "bright", 4.0, rng, sr=8000)
   assert attributes.key_matches(attributes.estimate_key(audio, 8000), 7, "major")
+
+
+def _captioned_batch(task, codes, texts, chroma):
+  tok = task.text.tokenize(texts)
+  return {"codes": codes, "frame_mask": np.ones(codes.shape[::2], bool),
+          "weight": np.ones(len(texts), np.float32), "chroma": chroma,
+          "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+
+
+def test_token_ce_equals_the_training_loss_and_sees_only_earlier_frames(manifest_run):
+  """MusicGen.token_ce (the sampler's conditions) against LMTask.token_losses (the training step's
+  CE) per item, and causality: the CE of the first f frames does not depend on later audio."""
+  from flax import linen as nn
+  from musicgen_jax import sharding as shd
+  from musicgen_jax.pipeline import MusicGen
+  from musicgen_jax.training.lm_task import LMTask
+  wd, c = manifest_run["workdir"], manifest_run["config"]
+  model = MusicGen.load(wd)
+  cfg = model.lm_cfg
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, cfg.card, (3, cfg.num_codebooks, 24)).astype(np.int32)
+  chroma = np.eye(12, dtype=np.float32)[rng.integers(0, 12, (3, cfg.chroma_length))]
+  texts = ["a jig in D major on fiddle", "", "a slow air in A minor, 60 bpm"]
+  got = model.token_ce(codes, texts, chroma)
+  mesh = shd.make_mesh((1, 1, 1), c.mesh.axes, devices=jax.devices()[:1])
+  task = LMTask(c, mesh, wd)
+  params = {"lm": model.params["lm"], "text": model.params["text"]}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.rules_from_config(c.logical_axis_rules)):
+    fn = jax.jit(lambda p, b: task.token_losses(p, b, jax.random.key(0), train=False))
+    for i in (0, 2):   # the training step has no '' = unconditional rule: captions only
+      s, n = fn(params, _captioned_batch(task, codes[i:i + 1], texts[i:i + 1], chroma[i:i + 1]))
+      assert got[i] == pytest.approx(float(np.sum(s) / np.sum(n)), rel=1e-5)
+  assert got[1] != pytest.approx(got[0], rel=1e-4)   # the conditions reach the logits
+  # Under the delay pattern codebook k of frame t is predicted after codebook j < k of frames up to
+  # t + k - 1 - j: the CE of the first 10 frames reads frames up to 10 + K - 3, nothing later.
+  first, reach = model.token_ce(codes, texts, chroma, frames=10), 10 + cfg.num_codebooks - 2
+  # A shorter sequence is another program (other reduction orders): fp32 agreement, not bits.
+  np.testing.assert_allclose(first, model.token_ce(codes[..., :reach], texts, chroma, frames=10),
+                             rtol=1e-5)
+  changed = codes.copy()
+  changed[..., reach:] = (changed[..., reach:] + 1) % cfg.card
+  np.testing.assert_allclose(model.token_ce(changed, texts, chroma, frames=10), first, rtol=1e-6)
+  assert not np.allclose(model.token_ce(changed, texts, chroma), got, rtol=1e-3)
+  changed[..., reach - 1] = (changed[..., reach - 1] + 1) % cfg.card
+  assert not np.allclose(model.token_ce(changed, texts, chroma, frames=10), first, rtol=1e-6)
+
+
+def test_altered_captions_change_one_attribute_each():
+  from musicgen_jax.eval import control
+  items = [
+      {"caption": "a Bach chorale in F-sharp minor played by a flute, slow, 60 bpm, 4/4",
+       "key_tonic": "F#", "key_mode": "minor", "bpm": 60, "instrument": "flute",
+       "family": "pipe"},
+      {"caption": "an oboe plays an Irish reel in Bb major, 120 BPM", "key_tonic": "Bb",
+       "key_mode": "major", "bpm": 120, "instrument": "oboe", "family": "reed"},
+      {"caption": "solo piano: a German folk song, lively", "key_tonic": "G", "key_mode": "major",
+       "bpm": 110, "instrument": "piano", "family": "piano"},
+  ]
+  rng = np.random.default_rng(0)
+  out = [control.altered_captions(e, rng) for e in items]
+  assert out[0]["key"] == "a Bach chorale in C minor played by a flute, slow, 60 bpm, 4/4"
+  assert out[0]["tempo"] == "a Bach chorale in F-sharp minor played by a flute, moderate, 90 bpm, 4/4"
+  assert out[1]["key"] == "an oboe plays an Irish reel in E major, 120 BPM"
+  assert out[1]["tempo"] == "an oboe plays an Irish reel in Bb major, 80 BPM"
+  assert "key" not in out[2] and out[2]["tempo"] == "solo piano: a German folk song, moderate"
+  import re
+  from musicgen_jax.data import captions, render
+  family = {name: fam for _, name, fam, _, _ in render.INSTRUMENTS}
+  for e, o in zip(items, out):
+    swapped = o["family"]
+    new = next(n for n in family if n in swapped and n not in e["caption"])
+    assert family[new] != e["family"]
+    back = re.sub(rf"\b(a|an) {re.escape(new)}\b", captions.article(e["instrument"]), swapped)
+    assert (back if back != swapped else swapped.replace(new, e["instrument"])) == e["caption"]

@@ -42,7 +42,7 @@ def _dance(piece: scores.Piece) -> str:
   return next((d for d in _DANCES if re.search(rf"\b{d}s?\b", text)), "")
 
 
-def _article(phrase: str) -> str:
+def article(phrase: str) -> str:
   return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
@@ -58,8 +58,8 @@ def describe(piece: scores.Piece, rng: np.random.Generator) -> str:
     return pick("a piece by J. S. Bach", "a Baroque piece by Bach")
   if c == "essenFolksong":
     origin = next((adj for key, adj in _ORIGINS if key in piece.ref.field("O")), "European")
-    return pick(f"{_article(origin)} folk song", f"a traditional {origin} song",
-                f"{_article(origin)} folk melody")
+    return pick(f"{article(origin)} folk song", f"a traditional {origin} song",
+                f"{article(origin)} folk melody")
   if c in ("ryansMammoth", "oneills1850", "airdsAirs", "nottingham-dataset", "miscFolk"):
     where = {"oneills1850": "Irish", "airdsAirs": "Scottish",
              "nottingham-dataset": "English"}.get(c, "")
@@ -68,9 +68,9 @@ def describe(piece: scores.Piece, rng: np.random.Generator) -> str:
     kind = dance or ("air" if c == "airdsAirs" else "tune")
     player = ("fiddle " if c in ("ryansMammoth", "oneills1850") else
               "fife " if "fife" in piece.ref.path else "")
-    return pick(_article(f"{where} {kind}".strip()), _article(f"traditional {kind}"),
-                _article(f"{where} {player}{kind}".strip()),
-                _article(f"{where} folk {kind}".strip()))
+    return pick(article(f"{where} {kind}".strip()), article(f"traditional {kind}"),
+                article(f"{where} {player}{kind}".strip()),
+                article(f"{where} folk {kind}".strip()))
   if c == "palestrina":
     part = next((name for key, name in _MASS.items() if key in piece.ref.path.lower()), "")
     if part:
@@ -120,11 +120,11 @@ def caption(piece: scores.Piece, choices: render.Choices, tonic_pc: int,
   if form == 0:
     if tempo_kind == "number":  # "... played by a string ensemble at 72 bpm"
       tail = f" at {tempo}" + (f", {meter}" if meter else "")
-    return f"{what}{in_key} played by {_article(inst)}{tail}"
+    return f"{what}{in_key} played by {article(inst)}{tail}"
   if form == 1:
     return f"{what}{in_key} on {inst}{tail}"
   if form == 2:
-    return f"{_article(inst)} plays {what}{in_key}{tail}"
+    return f"{article(inst)} plays {what}{in_key}{tail}"
   if form == 3:
     return ", ".join(x for x in (what, inst, key, tempo, meter) if x)
   return f"{'' if inst in _GROUPS else 'solo '}{inst}: {what}{in_key}{tail}"

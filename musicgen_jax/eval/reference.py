@@ -170,7 +170,7 @@ class Reference:
       rng = np.random.default_rng(seed + 1)
       last = [it["last"] for it in self.items]
       n = len(last)
-      shuffled = _derangement(n, rng)
+      shuffled = derangement(n, rng)
       noise = [(rng.standard_normal(len(it["first"])) * (np.sqrt(np.mean(it["first"] ** 2)) + 1e-4))
                .astype(np.float32) for it in self.items]
       self._cache["baselines"] = {
@@ -193,7 +193,7 @@ class Reference:
     return out
 
 
-def _derangement(n: int, rng: np.random.Generator) -> list[int]:
+def derangement(n: int, rng: np.random.Generator) -> list[int]:
   """A random permutation with no fixed point (every clip paired with another item's caption)."""
   if n < 2:
     return list(range(n))
