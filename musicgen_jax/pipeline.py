@@ -130,7 +130,7 @@ class MusicGen:
                        f"{self.prefix_padding!r}")
     self.pattern = pattern_from_config(self.config)
     self._encode_text = jax.jit(self.text.encode)
-    self._token_ce = None   # built by token_ce on first use
+    self._frame_nll = None   # built by frame_nll on first use
     if self.codec is not None:
       self._codec_decode = jax.jit(self.codec.decode)
       self._codec_encode = jax.jit(self.codec.encode, static_argnums=2)
@@ -276,35 +276,44 @@ class MusicGen:
                               **({} if self.mesh is None else {"mesh": self.mesh, "rules": self._rules}))
     return np.asarray(codes)
 
-  def token_ce(self, codes: np.ndarray, texts: Sequence[str], chroma: np.ndarray | None = None,
-               frames: int | None = None) -> np.ndarray:
-    """Teacher-forced cross-entropy of codes [B, K, T] given texts (and melody chroma) -> float [B].
-
-    The mean over the codebooks and the pattern's valid positions of -log p(token), in nats, under
-    the conditions sampling uses (the same text padding, null text for '', melody window): how
-    likely the model finds these codes after this prompt. Comparing a recording's CE under its own
-    caption with its CE under an altered one measures whether the model uses what was altered.
-    `frames` counts only the first frames (where the prompt is all the model has to go on).
-    """
+  def frame_nll(self, codes: np.ndarray, texts: Sequence[str],
+                chroma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced -log p of codes [B, K, T] given texts (and melody chroma), per frame ->
+    (nll float64 [B, T]: summed over the codebooks the pattern predicts at that frame, tokens
+    int [T]: how many that is), under the conditions sampling uses (the same text padding, null
+    text for '', melody window). token_ce averages it."""
     codes = jnp.asarray(codes, jnp.int32)
     if codes.ndim != 3 or codes.shape[1] != self.lm_cfg.num_codebooks or codes.shape[0] != len(texts):
       raise ValueError(f"codes must be [B={len(texts)}, K={self.lm_cfg.num_codebooks}, T], got "
                        f"{tuple(codes.shape)}")
-    if self._token_ce is None:
+    if self._frame_nll is None:
       model = lm_lib.MusicGenLM(self.lm_cfg, deterministic=True)
 
-      def ce(params, codes_bkt, conds, frames):
+      def nll(params, codes_bkt, conds):
         steps = self.pattern.build(codes_bkt, self.lm_cfg.special_token)
         logits = model.apply({"params": params}, steps, conds)
         logits_bktc, mask_kt = self.pattern.revert_logits(logits, codes_bkt.shape[-1])
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits_bktc.astype(jnp.float32)),
-                                   codes_bkt[..., None], axis=-1)[..., 0]
-        w = (jnp.asarray(mask_kt, jnp.float32) * (jnp.arange(codes_bkt.shape[-1]) < frames))[None]
-        return jnp.sum(nll * w, axis=(1, 2)) / jnp.maximum(jnp.sum(w), 1.0)
-      self._token_ce = jax.jit(ce)
-    frames = codes.shape[-1] if frames is None else max(1, min(int(frames), codes.shape[-1]))
-    return np.asarray(self._token_ce(self.params["lm"], codes, self.conditions(texts, chroma),
-                                     jnp.int32(frames)))
+        nll_bkt = -jnp.take_along_axis(jax.nn.log_softmax(logits_bktc.astype(jnp.float32)),
+                                       codes_bkt[..., None], axis=-1)[..., 0]
+        w_kt = jnp.asarray(mask_kt, jnp.float32)
+        return jnp.sum(nll_bkt * w_kt[None], axis=1), jnp.sum(w_kt, axis=0)
+      self._frame_nll = jax.jit(nll)
+    nll_bt, tokens_t = self._frame_nll(self.params["lm"], codes, self.conditions(texts, chroma))
+    return np.asarray(nll_bt, np.float64), np.asarray(tokens_t).astype(np.int64)
+
+  def token_ce(self, codes: np.ndarray, texts: Sequence[str], chroma: np.ndarray | None = None,
+               frames: int | None = None) -> np.ndarray:
+    """Teacher-forced cross-entropy of codes [B, K, T] given texts (and melody chroma) -> float [B].
+
+    The mean over the codebooks and the pattern's valid positions of -log p(token), in nats (see
+    frame_nll): how likely the model finds these codes after this prompt. Comparing a recording's
+    CE under its own caption with its CE under an altered one measures whether the model uses what
+    was altered. `frames` counts only the first frames (where the prompt is all the model has to
+    go on).
+    """
+    nll_bt, tokens_t = self.frame_nll(codes, texts, chroma)
+    f = nll_bt.shape[1] if frames is None else max(1, min(int(frames), nll_bt.shape[1]))
+    return nll_bt[:, :f].sum(axis=1) / max(int(tokens_t[:f].sum()), 1)
 
   def check_memory(self, batch: int, duration: float,
                    settings: sampling.SamplingSettings = sampling.SamplingSettings(),

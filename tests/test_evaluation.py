@@ -376,13 +376,18 @@ def test_token_ce_equals_the_training_loss_and_sees_only_earlier_frames(manifest
   from musicgen_jax.pipeline import MusicGen
   from musicgen_jax.training.lm_task import LMTask
   wd, c = manifest_run["workdir"], manifest_run["config"]
-  model = MusicGen.load(wd)
+  trained = MusicGen.load(wd)
+  # After 3 steps the conditions move the CE by ~1e-6, below the tolerance: weights scaled by 3
+  # (any weights must give equal CEs) make a caption worth ~5e-4, so a swapped condition shows.
+  model = MusicGen(trained.config, jax.tree.map(lambda x: 3 * x, trained.params), trained.text,
+                   trained.codec)
   cfg = model.lm_cfg
   rng = np.random.default_rng(0)
-  codes = rng.integers(0, cfg.card, (3, cfg.num_codebooks, 24)).astype(np.int32)
+  codes = np.repeat(rng.integers(0, cfg.card, (1, cfg.num_codebooks, 24)).astype(np.int32), 3, 0)
   chroma = np.eye(12, dtype=np.float32)[rng.integers(0, 12, (3, cfg.chroma_length))]
   texts = ["a jig in D major on fiddle", "", "a slow air in A minor, 60 bpm"]
   got = model.token_ce(codes, texts, chroma)
+  assert abs(got[0] / got[2] - 1) > 1e-4 and abs(got[0] / got[1] - 1) > 1e-4   # same codes
   mesh = shd.make_mesh((1, 1, 1), c.mesh.axes, devices=jax.devices()[:1])
   task = LMTask(c, mesh, wd)
   params = {"lm": model.params["lm"], "text": model.params["text"]}
@@ -391,7 +396,6 @@ def test_token_ce_equals_the_training_loss_and_sees_only_earlier_frames(manifest
     for i in (0, 2):   # the training step has no '' = unconditional rule: captions only
       s, n = fn(params, _captioned_batch(task, codes[i:i + 1], texts[i:i + 1], chroma[i:i + 1]))
       assert got[i] == pytest.approx(float(np.sum(s) / np.sum(n)), rel=1e-5)
-  assert got[1] != pytest.approx(got[0], rel=1e-4)   # the conditions reach the logits
   # Under the delay pattern codebook k of frame t is predicted after codebook j < k of frames up to
   # t + k - 1 - j: the CE of the first 10 frames reads frames up to 10 + K - 3, nothing later.
   first, reach = model.token_ce(codes, texts, chroma, frames=10), 10 + cfg.num_codebooks - 2
@@ -433,3 +437,4 @@ def test_altered_captions_change_one_attribute_each():
     assert family[new] != e["family"]
     back = re.sub(rf"\b(a|an) {re.escape(new)}\b", captions.article(e["instrument"]), swapped)
     assert (back if back != swapped else swapped.replace(new, e["instrument"])) == e["caption"]
+

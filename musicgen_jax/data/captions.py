@@ -91,11 +91,16 @@ def describe(piece: scores.Piece, rng: np.random.Generator) -> str:
   return pick(f"a piece by {name}", f"a composition by {name}")
 
 
+def long_spelling(tonic: str) -> str:
+  """A tonic's spelled-out form: 'F#' -> 'F-sharp', 'Bb' -> 'B-flat', 'G' -> 'G'."""
+  return tonic[0] + ("-sharp" if tonic[1] == "#" else "-flat") if len(tonic) == 2 else tonic
+
+
 def key_phrase(tonic_pc: int, mode: str, rng: np.random.Generator) -> str:
   """'G major', 'F-sharp minor' or 'F# minor', 'A dorian' (spelling drawn from rng)."""
   name = scores.tonic_name(tonic_pc, mode)
   if len(name) == 2 and rng.random() < 0.5:
-    name = name[0] + ("-sharp" if name[1] == "#" else "-flat")
+    name = long_spelling(name)
   return f"{name} {mode}"
 
 

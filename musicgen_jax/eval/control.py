@@ -83,15 +83,19 @@ def _pc(name: str) -> int:
   return (_NATURALS[name[0].upper()] + acc.count("#") - acc.count("b") - acc.count("-")) % 12
 
 
+def _batches(clips, batch: int):
+  """Mono clips of one length -> (audio [batch, 1, N], how many are real) per batch, the last one
+  zero-padded: one compiled codec shape."""
+  for s in range(0, len(clips), batch):
+    part = np.stack(clips[s:s + batch])[:, None]
+    yield np.concatenate([part, np.zeros((batch - len(part),) + part.shape[1:], np.float32)]), len(part)
+
+
 def codec_roundtrip(model, clips: list[np.ndarray], batch: int = 8) -> list[np.ndarray]:
   """Mono clips of one length -> what the model's codec makes of each (encoded with the LM's
   codebooks, decoded): the audio a perfect LM would generate for them."""
-  out = []
-  for s in range(0, len(clips), batch):
-    part = np.stack(clips[s:s + batch])[:, None]
-    padded = np.concatenate([part, np.zeros((batch - len(part),) + part.shape[1:], np.float32)])
-    out += [a.mean(axis=0) for a in model.decode(model.encode_audio(padded))[:len(part)]]
-  return out
+  return [a.mean(axis=0) for audio, n in _batches(clips, batch)
+          for a in model.decode(model.encode_audio(audio))[:n]]
 
 
 def train_classifier(root: str, sample_rate: int, rng: np.random.Generator, test: list[dict],
@@ -134,11 +138,6 @@ def train_classifier(root: str, sample_rate: int, rng: np.random.Generator, test
   return clf, info
 
 
-def _long_spelling(tonic: str) -> str:
-  """'F#' -> 'F-sharp', 'Bb' -> 'B-flat' (the captions' other spelling), 'G' -> 'G'."""
-  return tonic[0] + ("-sharp" if tonic[1] == "#" else "-flat") if len(tonic) == 2 else tonic
-
-
 def altered_captions(item: dict, rng: np.random.Generator) -> dict[str, str]:
   """{attribute: the item's caption with that attribute changed}, for the attributes the caption
   names: the key a tritone away (same mode and spelling), the tempo times or divided by 1.5 (number
@@ -146,7 +145,8 @@ def altered_captions(item: dict, rng: np.random.Generator) -> dict[str, str]:
   cap, out = item["caption"], {}
   mode, tonic = item["key_mode"], item["key_tonic"]
   other = scores.tonic_name((_pc(tonic) + 6) % 12, mode)
-  for old, new in ((_long_spelling(tonic), _long_spelling(other)), (tonic, other)):
+  for old, new in ((captions.long_spelling(tonic), captions.long_spelling(other)),
+                   (tonic, other)):
     if f"{old} {mode}" in cap:
       out["key"] = cap.replace(f"{old} {mode}", f"{new} {mode}", 1)
       break
@@ -170,17 +170,17 @@ def altered_captions(item: dict, rng: np.random.Generator) -> dict[str, str]:
   return out
 
 
-def _token_ce(model, codes: np.ndarray, texts: list[str], chroma: np.ndarray | None,
-              batch: int, frames: int | None) -> np.ndarray:
-  """model.token_ce over a list in batches of `batch` (the last one padded: one compiled shape)."""
-  out = []
+def _frame_nll(model, codes: np.ndarray, texts: list[str], chroma: np.ndarray | None,
+               batch: int) -> tuple[np.ndarray, np.ndarray]:
+  """model.frame_nll over a list in batches of `batch` (the last one padded: one compiled shape)."""
+  out, tokens = [], None
   for s in range(0, len(texts), batch):
     idx = list(range(s, min(s + batch, len(texts))))
     idx += [idx[0]] * (batch - len(idx))
-    out.append(model.token_ce(codes[idx], [texts[i] for i in idx],
-                              None if chroma is None else chroma[idx],
-                              frames=frames)[:min(batch, len(texts) - s)])
-  return np.concatenate(out)
+    nll, tokens = model.frame_nll(codes[idx], [texts[i] for i in idx],
+                                  None if chroma is None else chroma[idx])
+    out.append(nll[:min(batch, len(texts) - s)])
+  return np.concatenate(out), tokens
 
 
 def likelihood(model, items: list[dict], seed: int, seconds: float = CLIP_SECONDS,
@@ -200,9 +200,8 @@ def likelihood(model, items: list[dict], seed: int, seconds: float = CLIP_SECOND
   from musicgen_jax.conditioners import melody as melody_lib
   sr, clip = model.sample_rate, int(seconds * model.sample_rate)
   rng = np.random.default_rng(seed)
-  audio = np.stack([excerpt(e["audio"], clip) for e in items])
-  codes = np.concatenate([model.encode_audio(audio[s:s + batch, None])
-                          for s in range(0, len(items), batch)])
+  audio = [excerpt(e["audio"], clip) for e in items]
+  codes = np.concatenate([model.encode_audio(part)[:n] for part, n in _batches(audio, batch)])
   chroma = None
   if model.lm_cfg.melody:
     frames = melody_lib.num_chroma_frames(clip)
@@ -220,11 +219,14 @@ def likelihood(model, items: list[dict], seed: int, seconds: float = CLIP_SECOND
   cases["all (no condition)"] = (everything, [""] * len(items), None if chroma is None else
                                  melody_lib.null_chroma(len(items), chroma.shape[1]))
   result = {"items": len(items), "clip_seconds": seconds, "windows": {}}
-  for window, frames in (("clip", None), ("first_second", int(round(model.frame_rate)))):
-    named = _token_ce(model, codes, [e["caption"] for e in items], chroma, batch, frames)
-    rows = {}
-    for name, (idx, texts, cond) in cases.items():
-      d = _token_ce(model, codes[idx], texts, cond, batch, frames) - named[idx]
+  own, tokens = _frame_nll(model, codes, [e["caption"] for e in items], chroma, batch)
+  altered = {name: _frame_nll(model, codes[idx], texts, cond, batch)[0]
+             for name, (idx, texts, cond) in cases.items()}
+  for window, frames in (("clip", codes.shape[-1]), ("first_second", int(round(model.frame_rate)))):
+    ce = lambda nll: nll[:, :frames].sum(axis=1) / max(tokens[:frames].sum(), 1)  # noqa: E731
+    named, rows = ce(own), {}
+    for name, (idx, _, _) in cases.items():
+      d = ce(altered[name]) - named[idx]
       rows[name] = {"items": len(idx), "named": float(named[idx].mean()),
                     "changed": float((named[idx] + d).mean()), "ce_increase": float(d.mean()),
                     "ce_increase_std": float(d.std()), "named_more_likely": float(np.mean(d > 0))}
