@@ -46,12 +46,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # Optimisation (audiocraft's MusicGen recipe: AdamW 0.9 / 0.95, weight decay 0.1, warmup then cosine,
   # clipping 1.0). batch_size is the GLOBAL batch of one micro-step; grad_accum micro-steps make one
   # update. freeze: regular expressions over parameter paths ('lm/embed_tokens') that do not train.
+  # max_steps_ahead: dispatched steps the host lets run unfinished (0 = unbounded); 2 keeps the devices
+  # fed and bounds how late a stop signal or preemption notice is acted on.
   c.train = ConfigDict(dict(
       seed=0, batch_size=32, num_steps=100_000, learning_rate=1e-4, warmup_steps=2000,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, grad_accum=1, ema_decay=0.0, freeze=(),
       cond_dropout=0.2, segment_seconds=30.0, log_every=100, eval_every=1000, eval_batches=0,
       checkpoint_every=1000, keep_checkpoints=3, keep_best=True, async_checkpoints=True,
-      checksums=True, progress=True, generate_every=0))
+      checksums=True, progress=True, generate_every=0, max_steps_ahead=2))
   # The generative evaluation (musicgen_jax.eval): clips sampled from held-out captions of the
   # corpus, compared with the real recordings; every train.generate_every steps during training
   # (0 = off; the validation CE runs every eval_every), and by compare_patterns after training.

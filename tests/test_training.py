@@ -6,6 +6,7 @@ in a subprocess).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -89,6 +90,37 @@ def test_sigterm_saves_and_resume_is_bit_identical(reference, tmp_path):
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored
   loop.train(tiny(), wd, out=lambda _: None)
   assert_same_tree(final_state(wd), final_state(reference[0]))
+
+
+def test_the_host_waits_for_the_step_max_steps_ahead_back(tmp_path, monkeypatch):
+  """Each step does ~0.1 s of extra device work and nothing else syncs (one log, one checkpoint, no
+  eval), so asynchronous dispatch would queue every step at once; with max_steps_ahead=2 at most 2
+  dispatched steps are unfinished whenever the next one is dispatched, so a stop signal is acted on
+  within 2 steps rather than after a whole queued log interval."""
+
+  class SlowTask(LMTask):
+    def train_step(self, state, batch):
+      new, m = super().train_step(state, batch)
+      x = jnp.full((256, 256), state.step.astype(jnp.float32) * 1e-3)
+      x = jax.lax.fori_loop(0, 100, lambda _, x: jnp.tanh(x @ x), x)
+      return new, {**m, "loss": m["loss"] + 0.0 * x[0, 0]}
+
+  done, unfinished = [], []
+  build = loop.steps_lib.build_train_step
+
+  def build_watched(*args, **kwargs):
+    ts = build(*args, **kwargs)
+
+    def fn(*step_args):
+      unfinished.append(sum(not d.is_ready() for d in done))
+      out = ts.fn(*step_args)
+      done.append(out[2])
+      return out
+    return dataclasses.replace(ts, fn=fn)
+  monkeypatch.setattr(loop.steps_lib, "build_train_step", build_watched)
+  loop.train(tiny(log_every=STEPS, eval_every=0, checkpoint_every=STEPS, max_steps_ahead=2),
+             str(tmp_path), task_factory=SlowTask)
+  assert len(unfinished) == STEPS and max(unfinished) <= 2, unfinished
 
 
 def test_damaged_and_partial_checkpoints_are_skipped(reference, tmp_path):

@@ -6,7 +6,10 @@ bottom in sections. What it guarantees:
 
 * one writer per work directory (a lock naming the holder); the config is written only once the
   checkpoint is known to restore, and a config the checkpoint cannot absorb is refused naming the fields;
-* no host sync per step: metrics are summed on the devices and fetched at log intervals only;
+* no host sync per step: metrics are summed on the devices and fetched at log intervals only, and
+  the host waits only for the step `train.max_steps_ahead` back, so the devices always have the next
+  step queued while a stop signal is acted on within that many steps (unbounded, asynchronous
+  dispatch would run a whole log interval ahead: minutes of steps on a pod, past a preemption notice);
 * SIGTERM / SIGINT (and, on multi-host jobs, the cluster's preemption notice) save a checkpoint and stop
   with one line; a run killed at any moment resumes from its newest complete checkpoint, and in both
   cases the continued run is bit-identical to an uninterrupted one (state, RNG and data position are all
@@ -16,6 +19,7 @@ bottom in sections. What it guarantees:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import signal
@@ -55,6 +59,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                "keep_checkpoints"):
     if not isinstance(t[name], int) or t[name] < 1:
       raise ValueError(f"train.{name} must be an integer >= 1, got {t[name]!r}")
+  if not isinstance(t.max_steps_ahead, int) or t.max_steps_ahead < 0:
+    raise ValueError(f"train.max_steps_ahead must be an integer >= 0 (0 = unbounded), "
+                     f"got {t.max_steps_ahead!r}")
   if t.eval_every < 0 or t.eval_batches < 0:
     raise ValueError("train.eval_every and train.eval_batches must be >= 0 (0 = off / whole split)")
   if not 0.0 <= t.ema_decay < 1.0:
@@ -186,6 +193,8 @@ class _Run:
                                     out=self.out if primary else (lambda _: None))
     stop = _StopSignals(install=pc == 1)
     acc = jax.device_put(ts.zero_acc(), acc_sh)
+    queued: collections.deque = collections.deque()    # `done` of the dispatched, unfinished steps
+    ahead = t.max_steps_ahead or t.num_steps
     last: dict[str, Any] = {}
     frames = task.frames * t.batch_size
     t_log, s_log, cur = time.time(), start, start
@@ -199,8 +208,11 @@ class _Run:
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         while cur < t.num_steps:
           batch = _global_batch(next(train_iter), batch_sh)
-          state, acc = ts.fn(state, acc, batch)
+          state, acc, done = ts.fn(state, acc, batch)
           cur += 1
+          queued.append(done)
+          while len(queued) > ahead:
+            queued.popleft().block_until_ready()
           progress.update()
           if cur % t.log_every == 0 or cur == t.num_steps:
             host = jax.device_get(acc)

@@ -4,11 +4,13 @@
 compilation (musicgen_jax/aot.py) lowers for a TPU topology it does not have: one function, so the
 program whose memory and FLOPs `aot` reports is the program `train` runs.
 
-    step(state, acc, batch) -> (state, acc)
+    step(state, acc, batch) -> (state, acc, done)
       state: the task's train state (donated), sharded by its leaves' logical axis names
       acc:   {'sum': metric sums, 'n': int32 [] steps summed, 'first_bad': int32 [] first step whose
              loss was not finite (NO_BAD_STEP if none)}, replicated (donated)
       batch: one global batch, the batch axis over the mesh's data axes
+      done:  int32 [], ready when the step has finished: the one output that is not donated to the
+             next step, so the loop can wait for an earlier step while later ones are queued
 
 Metrics never leave the devices inside the step; the loop fetches `acc` at log intervals.
 """
@@ -30,7 +32,7 @@ NO_BAD_STEP = np.iinfo(np.int32).max
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
-  fn: Callable            # jitted (state, acc, batch) -> (state, acc); state and acc donated
+  fn: Callable            # jitted (state, acc, batch) -> (state, acc, done); state, acc donated
   state_shardings: Any    # NamedShardings of the (unboxed) state tree
   acc_sharding: Any
   batch_shardings: dict
@@ -67,8 +69,9 @@ class TrainStep:
 
 
 def accumulate(train_step: Callable) -> Callable:
-  """(state, batch) -> (state, metrics) becomes (state, acc, batch) -> (state, acc): metrics summed in
-  float32 on the devices, and the first step with a non-finite loss remembered."""
+  """(state, batch) -> (state, metrics) becomes (state, acc, batch) -> (state, acc, done): metrics
+  summed in float32 on the devices, the first step with a non-finite loss remembered, and `done` (the
+  steps summed, a scalar) to wait on."""
 
   def step_fn(state, acc, batch):
     new_state, m = train_step(state, batch)
@@ -76,7 +79,7 @@ def accumulate(train_step: Callable) -> Callable:
     acc = {"sum": jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc["sum"], m),
            "n": acc["n"] + 1,
            "first_bad": jnp.where(finite, acc["first_bad"], jnp.minimum(acc["first_bad"], state.step))}
-    return new_state, acc
+    return new_state, acc, acc["n"]
 
   return step_fn
 
@@ -94,6 +97,6 @@ def build_train_step(task, mesh: Mesh, rules, batch_size: int) -> TrainStep:
     metrics_abstract = jax.eval_shape(lambda s, b: task.train_step(s, b)[1], abstract, batch_abstract)
   acc_sh = shd.replicated(mesh)
   fn = jax.jit(accumulate(task.train_step), in_shardings=(state_sh, acc_sh, batch_sh),
-               out_shardings=(state_sh, acc_sh), donate_argnums=(0, 1))
+               out_shardings=(state_sh, acc_sh, acc_sh), donate_argnums=(0, 1))
   return TrainStep(fn, state_sh, acc_sh, batch_sh, abstract, batch_abstract, metrics_abstract,
                    mesh, rules)
