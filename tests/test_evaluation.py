@@ -437,4 +437,3 @@ def test_altered_captions_change_one_attribute_each():
     assert family[new] != e["family"]
     back = re.sub(rf"\b(a|an) {re.escape(new)}\b", captions.article(e["instrument"]), swapped)
     assert (back if back != swapped else swapped.replace(new, e["instrument"])) == e["caption"]
-

@@ -194,7 +194,7 @@ class _Run:
     stop = _StopSignals(install=pc == 1)
     acc = jax.device_put(ts.zero_acc(), acc_sh)
     queued: collections.deque = collections.deque()    # `done` of the dispatched, unfinished steps
-    ahead = t.max_steps_ahead or t.num_steps
+    ahead = t.max_steps_ahead                          # 0: unbounded, nothing is kept
     last: dict[str, Any] = {}
     frames = task.frames * t.batch_size
     t_log, s_log, cur = time.time(), start, start
@@ -210,9 +210,10 @@ class _Run:
           batch = _global_batch(next(train_iter), batch_sh)
           state, acc, done = ts.fn(state, acc, batch)
           cur += 1
-          queued.append(done)
-          while len(queued) > ahead:
-            queued.popleft().block_until_ready()
+          if ahead:
+            queued.append(done)
+            while len(queued) > ahead:
+              queued.popleft().block_until_ready()
           progress.update()
           if cur % t.log_every == 0 or cur == t.num_steps:
             host = jax.device_get(acc)
