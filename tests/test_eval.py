@@ -71,3 +71,15 @@ def test_melody_similarity_is_one_for_the_melody_itself_and_low_for_another():
 
 def test_pitch_class_spellings():
   assert [control._pc(n) for n in ("C", "F#", "Bb", "E-", "B", "Cb")] == [0, 6, 10, 3, 11, 11]
+
+
+def test_control_cli_refuses_bad_input_in_one_line_before_loading(tmp_path, capsys):
+  cases = [(["--corpus", str(tmp_path), "--top-k", "0"], "top-k must be a positive integer"),
+           (["--corpus", str(tmp_path), "--temperature", "-1"], "temperature must be"),
+           (["--corpus", str(tmp_path / "nothing-*")], "matches 0 directories"),
+           (["--corpus", str(tmp_path)], "is not a built corpus"),
+           (["--corpus", str(tmp_path), "--samples", "4"], "too few")]
+  for argv, message in cases:
+    assert control.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)

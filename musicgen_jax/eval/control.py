@@ -2,6 +2,10 @@
 
     python -m musicgen_jax.eval.control --corpus DATA_DIR [--checkpoint DIR] [--samples 48]
         [--duration 8] [--seed 0] [--out runs/control]
+        [--temperature T] [--top-k K] [--top-p P] [--cfg C]
+
+Samples are drawn with the model's own sampling settings (its config's `sampling` section) unless
+the flags, named as in sample.py, override them; the settings used are recorded in control.json.
 
 For each attribute, `--samples` prompts in the corpus's caption style name a value drawn at random
 (a key of the 24, a tempo in 60-150 bpm, one of the corpus's instruments). Each prompt is sampled
@@ -34,6 +38,7 @@ captions next to the real renderings, with spectrograms).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import re
@@ -414,6 +419,10 @@ def markdown(result: dict) -> str:
                "attribute equals the one the 'named' prompt gives; the estimators' own accuracy on "
                f"{n_real} held-out renderings (first {CLIP_SECONDS:g} s) and on what the codec makes "
                "of them (the ceiling for generated audio).")
+  if "sampling" in result:
+    sm = result["sampling"]
+    lines.append(f"Sampling: temperature {sm['temperature']:g}, top-k {sm['top_k']}, top-p "
+                 f"{sm['top_p']:g}, CFG {sm['cfg_coef']:g}.")
   c = result["classifier"]
   lines.append(f"Family classifier: {c['test_accuracy']:.2f} accuracy on {c['test_clips']} held-out "
                f"clips and {c.get('test_accuracy_through_codec', float('nan')):.2f} on their codec "
@@ -451,9 +460,18 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--out", default="runs/control")
   p.add_argument("--listening", default=None, help="only write listening examples to this "
                  "directory (e.g. docs/samples), no measurements")
+  p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default: "
+                 "the model's)")
+  p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+  p.add_argument("--top-p", type=float, default=None, help="nucleus mass in [0, 1] (0 = off)")
+  p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance coefficient")
   args = p.parse_args(argv)
   roots = sorted(glob.glob(args.corpus))
+  overrides = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   cfg_coef=args.cfg)
   try:
+    from musicgen_jax import sampling
+    sampling.SamplingSettings.from_config({}, **overrides)   # bad values fail before any loading
     if len(roots) != 1:
       raise ValueError(f"--corpus {args.corpus!r} matches {len(roots)} directories: give one")
     if args.samples < 8:
@@ -465,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     model = MusicGen.load(args.checkpoint or cli.shipped_model())
     if model.codec is None:
       raise ValueError("the model has no codec: nothing to listen to")
+    settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict(), **overrides)
+    model.config.sampling.update({k: v for k, v in overrides.items() if v is not None})
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -473,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"{e['name']}: {e['prompt']}")
     return 0
   result = run(model, roots[0], args.samples, args.duration, args.seed)
+  result["sampling"] = dataclasses.asdict(settings)
   result["command"] = "python -m musicgen_jax.eval.control " + " ".join(sys.argv[1:] if argv is None
                                                                        else argv)
   os.makedirs(args.out, exist_ok=True)
