@@ -12,6 +12,9 @@ Variants:
              batch 8 x 1 s, no adversarial losses (configs/demo.py says why), dead-code threshold
              0.25. Measured on that CPU: 0.67 s per step without the discriminator, 15.3 s with it;
              with it and batch 32 on an H200 (jax 0.11.2): 0.32 s per step.
+  demo25     an experiment for the shipped model's next codec: demo with ratios 8, 5, 4, 8 (hop 1280,
+             25 Hz frames, 0.9 kbps), so that a held note spans twice as few frames and an 8 s
+             sample is 200 LM steps; models/demo/TRAINING.md says why and what it gave.
   encodec32k the released MusicGen codec's geometry (facebook/encodec_32khz): 64 base filters,
              ratios 8, 5, 4, 4, 4 codebooks of 2048 (57.9M parameters), and audiocraft's
              `encodec_musicgen_32khz` recipe.
@@ -84,9 +87,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   if variant == "encodec32k":
     pass
-  elif variant == "demo":
+  elif variant in ("demo", "demo25"):
     encodec.update(num_filters=16, hidden_size=64, num_lstm_layers=1, codebook_size=512,
                    target_bandwidths=(1.8,))
+    if variant == "demo25":   # an experiment: hop 1280 (25 Hz frames), the same 4 codebooks of 512
+      encodec.update(upsampling_ratios=(8, 5, 4, 8), target_bandwidths=(0.9,))
     c.train.update(batch_size=8, num_steps=3000, eval_every=500, eval_batches=8,
                    checkpoint_every=250, keep_checkpoints=2, log_every=50)
     c.codec_train.losses.update(adv=0.0, feat=0.0)        # configs/demo.py says why
@@ -104,7 +109,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                                        win_lengths=(256, 128), dilations=(1, 2))
     c.codec_train.quantizer.kmeans_iters = 5
   else:
-    raise ValueError(f"unknown codec config variant {variant!r}: use one of tiny, demo, "
+    raise ValueError(f"unknown codec config variant {variant!r}: use one of tiny, demo, demo25, "
                      "encodec32k")
   from musicgen_jax.codec.encodec import EncodecConfig
   c.codec = ConfigDict(dict(sample_rate=encodec["sampling_rate"],
