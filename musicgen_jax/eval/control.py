@@ -281,10 +281,11 @@ def attribute_prompts(n: int, rng: np.random.Generator) -> dict[str, dict]:
 
 
 def _generate(model, prompts: list[str], duration: float, seed: int, chroma=None,
-              batch: int = 16) -> list[np.ndarray]:
-  """Mono float32 clips, one per prompt, in batches of `batch` (one compiled shape)."""
+              batch: int = 16, settings=None) -> list[np.ndarray]:
+  """Mono float32 clips, one per prompt, in batches of `batch` (one compiled shape); `settings`:
+  a SamplingSettings (default: the model config's)."""
   from musicgen_jax.eval.evaluate import generate_clips
-  return generate_clips(model, prompts, duration, seed, batch, chroma)
+  return generate_clips(model, prompts, duration, seed, batch, chroma, settings)
 
 
 def _match_rate(attr: str, clips: list[np.ndarray], truth: list, sr: int, clf) -> list[bool]:
@@ -307,7 +308,12 @@ def melody_similarity(chroma_ref: np.ndarray, audio: np.ndarray, sr: int) -> flo
 
 
 def run(model, corpus_root: str, samples: int, duration: float, seed: int,
-        log=print) -> dict:
+        log=print, settings=None) -> dict:
+  """The measurements (module docstring); samples drawn with `settings` (a SamplingSettings;
+  default: the model config's), recorded in the result."""
+  from musicgen_jax import sampling
+  if settings is None:
+    settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict())
   sr = model.sample_rate
   rng = np.random.default_rng(seed)
   t0 = time.time()
@@ -325,12 +331,13 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
   ceiling = {attr: [float(np.mean(_match_rate(attr, clips, truth[attr], sr, clf)))
                     for clips in (real, through_codec)] for attr in truth}
   result = {"samples": samples, "duration": duration, "seed": seed, "classifier": clf_info,
-            "real_test_renderings": len(test), "attributes": {}}
+            "real_test_renderings": len(test), "sampling": dataclasses.asdict(settings),
+            "attributes": {}}
   for attr, sets in attribute_prompts(samples, rng).items():
     row = {"ceiling_real_audio": ceiling[attr][0], "ceiling_through_codec": ceiling[attr][1]}
     for variant in ("named", "changed", "removed"):
       if variant in sets:
-        clips = _generate(model, sets[variant], duration, seed)
+        clips = _generate(model, sets[variant], duration, seed, settings=settings)
         row[variant] = float(np.mean(_match_rate(attr, clips, sets["truth"], sr, clf)))
     result["attributes"][attr] = row
     log(f"{attr}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
@@ -342,8 +349,8 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
     chroma = np.stack([melody_lib.melody_condition(e["audio"][:clip][None], sr, frames, sr)
                        for e in items])
     texts = [e["caption"] for e in items]
-    with_m = _generate(model, texts, duration, seed, chroma=chroma)
-    without = _generate(model, texts, duration, seed)
+    with_m = _generate(model, texts, duration, seed, chroma=chroma, settings=settings)
+    without = _generate(model, texts, duration, seed, settings=settings)
     sims = [[melody_similarity(c, a, sr) for c, a in zip(chroma, clips)] for clips in
             (with_m, without)]
     codec_sims = [melody_similarity(c, through_codec[i], sr) for c, i in zip(chroma, pick)]
@@ -364,10 +371,11 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
 
 
 def write_listening(model, corpus_root: str, out_dir: str, count: int = 4, seconds: float = 5.0,
-                    seed: int = 0) -> list[dict]:
+                    seed: int = 0, settings=None) -> list[dict]:
   """Listening material: for `count` held-out test renderings, the real recording and a sample of
   the model from its caption (the first also with its melody), as WAVs with spectrogram PNGs and
-  an index (README.md). -> the index entries."""
+  an index (README.md), sampled with `settings` (default: the model config's). -> the index
+  entries."""
   from musicgen_jax import audio as audio_lib, plotting
   from musicgen_jax.conditioners import melody as melody_lib
   sr = model.sample_rate
@@ -376,7 +384,7 @@ def write_listening(model, corpus_root: str, out_dir: str, count: int = 4, secon
   items = [test[i] for i in sorted(rng.permutation(len(test))[:count])]
   clip = int(seconds * sr)
   texts = [e["caption"] for e in items]
-  generated = _generate(model, texts, seconds, seed, batch=len(texts))
+  generated = _generate(model, texts, seconds, seed, batch=len(texts), settings=settings)
   entries = []
   for i, (e, g) in enumerate(zip(items, generated)):
     entries.append({"name": f"{i + 1}_generated", "prompt": e["caption"], "audio": g})
@@ -385,7 +393,8 @@ def write_listening(model, corpus_root: str, out_dir: str, count: int = 4, secon
     e = items[0]
     frames = melody_lib.num_chroma_frames(clip)
     chroma = melody_lib.melody_condition(e["audio"][:clip][None], sr, frames, sr)[None]
-    g = _generate(model, [e["caption"]], seconds, seed, chroma=chroma, batch=1)[0]
+    g = _generate(model, [e["caption"]], seconds, seed, chroma=chroma, batch=1,
+                  settings=settings)[0]
     entries.append({"name": "1_generated_with_melody_of_1_real", "prompt": e["caption"],
                     "audio": g})
   os.makedirs(out_dir, exist_ok=True)
@@ -419,7 +428,7 @@ def markdown(result: dict) -> str:
                "attribute equals the one the 'named' prompt gives; the estimators' own accuracy on "
                f"{n_real} held-out renderings (first {CLIP_SECONDS:g} s) and on what the codec makes "
                "of them (the ceiling for generated audio).")
-  if "sampling" in result:
+  if "sampling" in result:            # control.json files written before it was recorded lack it
     sm = result["sampling"]
     lines.append(f"Sampling: temperature {sm['temperature']:g}, top-k {sm['top_k']}, top-p "
                  f"{sm['top_p']:g}, CFG {sm['cfg_coef']:g}.")
@@ -484,16 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     if model.codec is None:
       raise ValueError("the model has no codec: nothing to listen to")
     settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict(), **overrides)
-    model.config.sampling.update({k: v for k, v in overrides.items() if v is not None})
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if args.listening:
-    for e in write_listening(model, roots[0], args.listening, seed=args.seed):
+    for e in write_listening(model, roots[0], args.listening, seed=args.seed, settings=settings):
       print(f"{e['name']}: {e['prompt']}")
     return 0
-  result = run(model, roots[0], args.samples, args.duration, args.seed)
-  result["sampling"] = dataclasses.asdict(settings)
+  result = run(model, roots[0], args.samples, args.duration, args.seed, settings=settings)
   result["command"] = "python -m musicgen_jax.eval.control " + " ".join(sys.argv[1:] if argv is None
                                                                        else argv)
   os.makedirs(args.out, exist_ok=True)

@@ -130,10 +130,12 @@ def validation_ce(model, config: ml_collections.ConfigDict, model_dir: str, data
 
 
 def generate_clips(model, prompts: list[str], duration: float, seed: int, batch: int,
-                   chroma: np.ndarray | None = None) -> list[np.ndarray]:
-  """Mono float32 clips of `duration` s, one per prompt ('' = unconditional), `batch` per call."""
+                   chroma: np.ndarray | None = None, settings=None) -> list[np.ndarray]:
+  """Mono float32 clips of `duration` s, one per prompt ('' = unconditional), `batch` per call,
+  sampled with `settings` (a SamplingSettings; default: the model config's)."""
   from musicgen_jax import sampling
-  settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict())
+  if settings is None:
+    settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict())
   clips = []
   for s in range(0, len(prompts), batch):
     part = list(prompts[s:s + batch])
