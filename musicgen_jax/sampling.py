@@ -459,9 +459,9 @@ def generate(params: Any, cfg: lm_lib.LMConfig, pattern, conds: lm_lib.Condition
   b = leaves[0].shape[0] if leaves else (prompt.shape[0] if prompt is not None else batch_size)
   if b is None:
     raise ValueError("unconditional generation needs batch_size")
-  if prompt is None:
-    prompt = jnp.zeros((b, cfg.num_codebooks, 0), jnp.int32)
-  prompt = jnp.asarray(prompt, jnp.int32)
+  # Host arrays where they are made here: each eager jnp op is a compiled program of its own.
+  prompt = np.zeros((b, cfg.num_codebooks, 0), np.int32) if prompt is None else prompt
+  prompt = prompt.astype(np.int32) if isinstance(prompt, np.ndarray) else jnp.asarray(prompt, jnp.int32)
   mode = settings.cfg_mode if settings.cfg_coef != 1.0 else "none"
   if not leaves:
     mode = "none"
@@ -479,8 +479,8 @@ def generate(params: Any, cfg: lm_lib.LMConfig, pattern, conds: lm_lib.Condition
     conds = jax.device_put(conds, c_sh)
     prompt = jax.device_put(prompt, prompt_sh)
   static = (cfg, pattern, num_timesteps, prompt_len, settings.top_k, 0.0 < settings.top_p < 1.0, mode)
-  args = (params, conds, prompt, jax.random.key(seed), jnp.float32(settings.temperature),
-          jnp.float32(settings.top_p), jnp.float32(settings.cfg_coef))
+  args = (params, conds, prompt, jax.random.key(seed), np.float32(settings.temperature),
+          np.float32(settings.top_p), np.float32(settings.cfg_coef))
   if segments is None:
     rows = b * (2 if mode == "batch" else 1)
     segments = auto_segments(pattern.num_steps(num_timesteps) - 1, rows, cfg.dim)
@@ -488,5 +488,11 @@ def generate(params: Any, cfg: lm_lib.LMConfig, pattern, conds: lm_lib.Condition
     seq = _cached_generate_fn(*static, None, segments, mesh, rules)(*args)
   else:   # progress from the host, between compiled chunks
     seq = _cached_chunked_fn(*static, segments, mesh, rules)(*args, progress=progress)
-  codes, _ = pattern.revert(seq[:b], cfg.special_token)
-  return codes
+  return _revert_fn(pattern, b, cfg.special_token)(seq)
+
+
+@functools.lru_cache(maxsize=32)
+def _revert_fn(pattern, rows: int, special_token: int) -> Callable[[jax.Array], jax.Array]:
+  """Pattern steps [B', K, S] -> the first `rows` examples' codes [rows, K, T], in one compiled program
+  (eagerly, the gathers and selects of the revert are a program each)."""
+  return jax.jit(lambda seq: pattern.revert(seq[:rows], special_token)[0])

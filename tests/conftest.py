@@ -55,6 +55,22 @@ def sample(monkeypatch, capsys):
   return run
 
 
+class ProgramCount:
+  """Counts the programs JAX lowers inside `with ProgramCount() as c:` (c.programs), an eager op or a
+  jitted function's first call alike: each one is a compilation, or a persistent-cache read."""
+
+  def __enter__(self):
+    self.programs = 0
+    jax.monitoring.register_event_duration_secs_listener(self._on)
+    return self
+
+  def _on(self, event: str, duration: float, **_) -> None:
+    self.programs += event == "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._on)
+
+
 BATCH = 2
 TEXT_LEN = 4
 CHROMA_LEN = 5

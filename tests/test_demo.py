@@ -13,6 +13,7 @@ import soundfile as sf
 
 from musicgen_jax import checkpoint, cli, export
 from musicgen_jax.training import loop
+from tests.conftest import ProgramCount
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,9 +70,11 @@ def test_bfloat16_export_loads_as_rounded_float32(tmp_path):
   b = export.export(src, bf16, dtype="bfloat16")
   assert a["parameters"] == b["parameters"] > 0 and b["bytes"] < 0.7 * a["bytes"]
   _, original = checkpoint.load_model(src)
-  _, loaded = checkpoint.load_model(bf16)
+  with ProgramCount() as count:
+    _, loaded = checkpoint.load_model(bf16)
   flat_o, flat_l = jax.tree.leaves(original), jax.tree.leaves(loaded)
   assert len(flat_o) == len(flat_l)
+  assert count.programs <= 1 < len(flat_l)   # the casts in one program, not one program per leaf
   assert any(not np.array_equal(x, y) for x, y in zip(flat_o, flat_l))  # it really rounded
   for x, y in zip(flat_o, flat_l):
     assert y.dtype == np.float32

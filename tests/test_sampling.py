@@ -20,7 +20,7 @@ from musicgen_jax import lm as lm_lib
 from musicgen_jax import patterns
 from musicgen_jax import sampling
 
-from tests.conftest import TinyLM
+from tests.conftest import ProgramCount, TinyLM
 
 T = 5          # generated timesteps
 S_MAX = 24     # fixed forward length of the reference loop (>= every pattern's S for T)
@@ -90,6 +90,18 @@ def test_greedy_matches_reference_loop(text_lm, name):
   got = _generate(text_lm, pattern)
   assert ((got >= 0) & (got < text_lm.cfg.card)).all()
   np.testing.assert_array_equal(got, reference_greedy(text_lm, pattern, text_lm.conds, T, 3.0))
+
+
+def test_generate_builds_one_program_per_stage(text_lm):
+  """A new shape costs the generate program, the revert and the seed's key, not one program per eager
+  op around them (each is a compilation or a persistent-cache read in every new process): with
+  progress, the four stages too."""
+  pattern = patterns.get_pattern("delay", 4)
+  with ProgramCount() as plain:
+    _generate(text_lm, pattern, num_timesteps=T + 2, seed=11)
+  with ProgramCount() as chunked:
+    _generate(text_lm, pattern, num_timesteps=T + 3, seed=12, progress=lambda done, total: None)
+  assert plain.programs <= 3 and chunked.programs <= 3 + 4
 
 
 def test_greedy_melody_prefix_matches_reference_loop(melody_lm):
