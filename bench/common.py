@@ -5,10 +5,14 @@ from the repository root, or as `common` when run from inside bench/.
 """
 from __future__ import annotations
 
+import collections
+import glob
 import json
 import os
 import platform
+import re
 import statistics
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -131,3 +135,60 @@ def peak_flops(device_kind: str | None = None) -> float | None:
     if name.lower() in device_kind.lower():
       return flops
   return None
+
+
+# --- kernel profiles ---------------------------------------------------------------------------------
+_CONTROL_THUNKS = {"while", "conditional", "call"}
+_NUMBERED = re.compile(r"(\.\d+)+$|(_\d+)+$")
+
+
+def kernel_profile(run_once: Callable[[], Any], units: int, top: int = 40) -> dict[str, Any]:
+  """Device time by kernel over one `run_once()` (which must block until its work is done), traced
+  with jax.profiler and divided by `units` (decode steps, train steps).
+
+  On a GPU each event of a stream is a kernel, named as it ran (inside a CUDA graph too); on the CPU
+  each XLA thunk, named by its HLO op (loops left out: their bodies' thunks are counted). Numbered
+  names are folded together (every `loop_add_fusion.N` is one row). Returns the wall and busy
+  (summed kernel) microseconds per unit, kernels per unit and the `top` rows by time.
+  """
+  import jax
+  from jax.profiler import ProfileData
+  total: dict[str, float] = collections.defaultdict(float)
+  count: dict[str, int] = collections.defaultdict(int)
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      t0 = time.perf_counter()
+      run_once()
+      wall = time.perf_counter() - t0
+    data = ProfileData.from_file(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[-1])
+    gpu = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    for plane in gpu or [p for p in data.planes if p.name == "/host:CPU"]:
+      for line in plane.lines:
+        if gpu and not line.name.lower().startswith("stream"):
+          continue
+        for ev in line.events:
+          if gpu:
+            key = ev.name
+          else:
+            stats = {k: v for k, v in ev.stats}
+            if "hlo_op" not in stats:
+              continue   # not an XLA thunk
+            key = str(stats["hlo_op"])
+          key = _NUMBERED.sub("", key.split(":")[0])
+          if not gpu and key in _CONTROL_THUNKS:
+            continue
+          total[key] += ev.duration_ns / 1e3
+          count[key] += 1
+  rows = sorted(total, key=lambda k: -total[k])
+  return {"source": "gpu" if gpu else "cpu", "units": units, "wall_us": wall * 1e6 / units,
+          "busy_us": sum(total.values()) / units, "kernels": sum(count.values()) / units,
+          "top": [{"kernel": k, "us": total[k] / units, "count": count[k] / units} for k in rows[:top]]}
+
+
+def format_kernel_profile(profile: dict[str, Any], title: str, unit: str, rows: int = 25) -> str:
+  """A kernel_profile as printable lines: the totals, then the `rows` costliest kernels."""
+  lines = [f"{title} ({profile['source']}): {profile['kernels']:.0f} kernels/{unit}, busy "
+           f"{profile['busy_us']:.0f} us/{unit} of {profile['wall_us']:.0f} us wall (traced)"]
+  for r in profile["top"][:rows]:
+    lines.append(f"    {r['us']:10.1f} us {r['count']:7.1f}x  {r['kernel'][:110]}")
+  return "\n".join(lines)

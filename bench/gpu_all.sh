@@ -9,6 +9,14 @@
 # budget left (BUDGET_S, default 360 s of wall time); skipped pieces are listed in summary.txt:
 #   env            versions, devices; wheels from .gpu_wheels/ (ml_collections, absl-py, soundfile, ...)
 #                  installed if present and the modules are missing (e2e_speed needs them, the rest not)
+#   profile_b1     decode_profile, small shape, bf16, batch 1, 300 steps: the decode step's device time by
+#                  kernel (jax.profiler)
+#   variants_b1    attention variants of the decode step timed side by side at batch 1 (XLA's dots,
+#                  products and sums, cuDNN for self- / cross-attention)
+#   variants_b8    XLA against cuDNN self-attention at batch 8 (16 rows), 1500 steps
+#   variants_b64   the same at batch 64, 1500 steps
+#   train_profile  our train step (train_small's shape, ours only): device time by kernel
+#   codec_30s      codec_speed: EnCodec 32 kHz encode / decode of 30 s, ours vs transformers, fp32
 #   small_b1       sample_speed, small shape (24 x 1024), bf16, batch 1, CFG, 1500 steps: ours vs
 #                  transformers fp32 (its fastest), same run; kernels and bytes copied per step
 #   train_small    train_speed, small shape, 30 s segments, batch 8, bf16: our train step vs
@@ -20,12 +28,14 @@
 #   large_b1       48 x 2048, batch 1, 300 steps, ours only
 #   cmdbuf_off     small_b1 ours only, command buffers off
 #   small_b64_seg1 small_b64 ours only with one segment (attention reads the whole cache at every step)
+# PIECES="env profile_b1 ..." runs only the pieces named (still in this order).
 # Every piece writes $OUT/<piece>.txt (and .json where the bench writes one); summary.txt has one line per
 # piece: exit code and seconds.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_all}
 BUDGET_S=${BUDGET_S:-360}
+PIECES=${PIECES:-}     # space-separated piece names to run (default: all, in the order below)
 SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
 mkdir -p "$OUT"
@@ -35,6 +45,9 @@ START=$(date +%s)
 piece() {   # piece NAME LIMIT_S [ENV=VALUE ...] -- COMMAND ...
   local name=$1 limit=$2
   shift 2
+  if [ -n "$PIECES" ] && [[ " $PIECES " != *" $name "* ]]; then
+    return
+  fi
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done
   shift
@@ -59,7 +72,7 @@ if [ "$SMOKE" = 1 ]; then
   MEDIUM=(--layers 3 --dim 96 --heads 4 --card 64 --top-k 16 --text-dim 32)
   LARGE=(--layers 3 --dim 128 --heads 4 --card 64 --top-k 16 --text-dim 32)
   TRAIN=(--layers 2 --dim 64 --heads 4 --card 64 --batch 2 --seconds 2 --steps 2 --repeats 2)
-  STEPS=24; SHORT=12; B64=4; E2E=(--smoke --durations 1 --batches 1); EXTRA=(--torch-threads 1)
+  STEPS=24; SHORT=12; CODEC_S=1; B8=2; B64=4; E2E=(--smoke --durations 1 --batches 1); EXTRA=(--torch-threads 1)
   # The sampler benches must not need what the GPU image lacks (absl comes with flax, which needs it).
   PY=(python -c "import runpy, sys
 for m in ('ml_collections', 'soundfile', 'tensorflow_datasets', 'librosa', 'tensorflow'):
@@ -69,7 +82,7 @@ runpy.run_path(sys.argv[0], run_name='__main__')")
 else
   SMALL=(); MEDIUM=(--layers 48 --dim 1536 --heads 24); LARGE=(--layers 48 --dim 2048 --heads 32)
   TRAIN=(--size small --batch 8 --seconds 30 --steps 5 --repeats 2)
-  STEPS=1500; SHORT=300; B64=64; E2E=(--durations 30 --batches 1 --states warm); EXTRA=()
+  STEPS=1500; SHORT=300; CODEC_S=30; B8=8; B64=64; E2E=(--durations 30 --batches 1 --states warm); EXTRA=()
   PY=(python)
 fi
 WHILE_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
@@ -88,6 +101,20 @@ flax.__version__, jax.devices())"
 }
 
 piece env 60 -- bash -c "$(declare -f env_check); env_check"
+piece profile_b1 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch 1 --steps $SHORT --variants base --profile --agree-steps 0 --json "$OUT/profile_b1.json"
+piece variants_b1 200 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch 1 --steps $SHORT --variants xla,reduce,cudnn-self,cudnn-both --agree-steps 0 \
+    --json "$OUT/variants_b1.json"
+piece variants_b8 150 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch $B8 --steps $STEPS --repeats 2 --variants xla,cudnn-self --agree-steps 0 \
+    --json "$OUT/variants_b8.json"
+piece variants_b64 200 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch $B64 --steps $STEPS --repeats 2 --variants xla,reduce,cudnn-self --agree-steps 0 \
+    --json "$OUT/variants_b64.json"
+piece train_profile 150 -- python bench/train_speed.py "${TRAIN[@]}" --skip-hf --profile \
+    --json "$OUT/train_profile.json"
+piece codec_30s 120 -- python bench/codec_speed.py --seconds $CODEC_S --repeats 5
 piece small_b1 110 -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch 1 --steps $STEPS --repeats 3 \
     --hf-repeats 1 --hlo-stats ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/small_b1.json"
 piece train_small 170 -- python bench/train_speed.py "${TRAIN[@]}" --json "$OUT/train_small.json"

@@ -32,7 +32,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")   # leave torch 
 
 import numpy as np
 
-from bench.common import machine_info, machine_line, peak_flops
+from bench.common import (format_kernel_profile, kernel_profile, machine_info, machine_line,
+                          peak_flops)
 
 SIZES = {"small": (1024, 24, 16), "medium": (1536, 48, 24), "large": (2048, 48, 32)}
 
@@ -56,6 +57,8 @@ def parse():
   p.add_argument("--skip-hf", action="store_true")
   p.add_argument("--skip-ours", action="store_true")
   p.add_argument("--pipeline", action="store_true", help="also time the input pipeline alone")
+  p.add_argument("--profile", action="store_true",
+                 help="also trace one block of our steps: device time by kernel (bench/common.py)")
   p.add_argument("--json", help="write all figures to this file")
   return p.parse_args()
 
@@ -120,16 +123,19 @@ def ours(a, c) -> dict:
   def block():
     s, ac = box["state"], box["acc"]
     for _ in range(a.steps):
-      s, ac = exe(s, ac, batch)
+      s, ac, _ = exe(s, ac, batch)
     jax.block_until_ready(ac)
     box["state"], box["acc"] = s, ac
 
   sec = time_blocks(block, a.repeats) / a.steps
   loss = float(jax.device_get(box["acc"])["sum"]["loss"]) / max(int(box["acc"]["n"]), 1)
   mem = _jax_peak_bytes()
-  return {"impl": "ours", "dtype": a.dtype, "step_s": sec, "compile_s": compile_s, "peak_bytes": mem,
-          "flops": task.flops_per_step(a.batch), "frames": task.frames, "loss": loss,
-          "devices": jax.device_count()}
+  out = {"impl": "ours", "dtype": a.dtype, "step_s": sec, "compile_s": compile_s, "peak_bytes": mem,
+         "flops": task.flops_per_step(a.batch), "frames": task.frames, "loss": loss,
+         "devices": jax.device_count()}
+  if a.profile:
+    out["profile"] = kernel_profile(block, a.steps)
+  return out
 
 
 def _jax_peak_bytes() -> int | None:
@@ -271,6 +277,8 @@ def main():
           f"{r['frames_per_s']:10.0f} {mfu:>6} {mem:>10}")
   if len(rows) == 2:
     print(f"\nratio ours/hf (steps/s) = {rows[0]['steps_per_s'] / rows[1]['steps_per_s']:.2f}")
+  if rows and "profile" in rows[0]:
+    print("\n" + format_kernel_profile(rows[0]["profile"], "profile | our train step", "step"))
   if rows and rows[0]["impl"] == "ours":
     print(f"ours compile {rows[0]['compile_s']:.1f} s, final loss {rows[0]['loss']:.3f}, "
           f"{rows[0]['devices']} device(s)")

@@ -10,7 +10,8 @@ full forward scans over. Before the step loop, `serving_weights` turns them, onc
 (k, v) [B, H, S, Dh] (head-major: the attention dots read it without a transpose), carried by the
 caller's step scan and updated in place at `pos`. Attention reads the whole cache, masked, with its
 softmax in float32; the sampler sizes the caches by segment of steps (`grow_caches`), so a step reads
-about the filled part. `prefill` (the prefix and the first steps, once per call) scans over the stacked
+about the filled part. On a GPU in bf16 with many rows the step's self-attention is cuDNN's fused
+attention instead, which reads the cache only up to the filled length (`use_cudnn_decode`). `prefill` (the prefix and the first steps, once per call) scans over the stacked
 layers instead: it runs once, so one compiled layer is enough.
 
 Both equal `MusicGenLM.__call__` on the same steps (tests/test_lm.py).
@@ -192,9 +193,12 @@ def _layer(cfg: lm_lib.LMConfig, lw: LayerWeights, x_bnd: jax.Array, cache: KV |
   else:
     new_kv = tuple(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, 0, pos, 0))
                    for c, x in zip(cache, new_kv))
-    length = cache[0].shape[2]
-    mask = (jnp.arange(length)[None, :] <= pos + jnp.arange(n)[:, None])[None, None]
-    h = attend(q * scale, new_kv[0], new_kv[1], mask, kv_heads_first=True)
+    if n == 1 and use_cudnn_decode(dt, b):
+      h = _cudnn_decode_attention(q * scale, new_kv[0], new_kv[1], pos + 1)
+    else:
+      length = cache[0].shape[2]
+      mask = (jnp.arange(length)[None, :] <= pos + jnp.arange(n)[:, None])[None, None]
+      h = attend(q * scale, new_kv[0], new_kv[1], mask, kv_heads_first=True)
   x_bnd = x_bnd + (h.reshape(b, n, cfg.dim) @ lw.self_out).astype(x_bnd.dtype)
   if lw.cross_q is not None:
     h = _layer_norm(cfg, x_bnd, lw.cross_norm).astype(dt)
@@ -204,6 +208,44 @@ def _layer(cfg: lm_lib.LMConfig, lw: LayerWeights, x_bnd: jax.Array, cache: KV |
   h = _layer_norm(cfg, x_bnd, lw.ffn_norm).astype(dt)
   h = jax.nn.gelu(h @ lw.fc1, approximate=False)
   return x_bnd + (h @ lw.fc2).astype(x_bnd.dtype), new_kv
+
+
+# Decode self-attention through cuDNN's fused attention from this many rows (the batch, doubled with
+# CFG in one batch) on a GPU in bf16 / fp16. It reads the head-major cache as it is, up to the filled
+# length. On one H200 at the small shape (docs/BENCHMARKS.md, bench/decode_profile.py): 251 against 203
+# steps/s at 128 rows over 1500 steps, 757 against 784 at 2 rows over 300 steps (there the step is
+# bound by its count of small kernels, not by reading the cache).
+CUDNN_DECODE_MIN_ROWS = 16
+
+
+def use_cudnn_decode(dtype, rows: int) -> bool:
+  """Whether a decode step of `rows` rows in `dtype` runs its self-attention through cuDNN."""
+  return (rows >= CUDNN_DECODE_MIN_ROWS and jax.default_backend() == "gpu"
+          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and _cudnn_attention() is not None)
+
+
+def _cudnn_attention():
+  # jax.nn.dot_product_attention takes only the sequence-major layout (it would transpose the whole
+  # cache at every step); the cuDNN function beneath it also takes the head-major one. It is not
+  # public API: where this jax lacks it, decoding keeps `attend`.
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    return fa if hasattr(fa, "dot_product_attention") and hasattr(fa, "MaskType") else None
+  except ImportError:
+    return None
+
+
+def _cudnn_decode_attention(q_b1hd: jax.Array, k_bhsd: jax.Array, v_bhsd: jax.Array,
+                            length) -> jax.Array:
+  """One query per row (already scaled) over the first `length` positions of the head-major cache,
+  by cuDNN's fused attention; -> [B, 1, H, Dh]."""
+  fa = _cudnn_attention()
+  b = q_b1hd.shape[0]
+  out = fa.dot_product_attention(
+      q_b1hd.swapaxes(1, 2), k_bhsd, v_bhsd, q_seqlen=jnp.ones((b,), jnp.int32),
+      kv_seqlen=jnp.full((b,), length, jnp.int32), scale=1.0, mask_type=fa.MaskType.PADDING,
+      qkv_layout="BNTH")
+  return out.swapaxes(1, 2)
 
 
 def _logits(cfg: lm_lib.LMConfig, w: ServingWeights, x_bnd: jax.Array) -> jax.Array:

@@ -330,3 +330,17 @@ def test_config_from_dict():
   with pytest.raises(ValueError, match="unknown model config fields.*'n_layers'"):
     lm_lib.LMConfig.from_dict(dict(d, n_layers=3))
   assert TEXT_CFG.special_token == TEXT_CFG.card and TEXT_CFG.head_dim == 8
+
+
+def test_cudnn_decode_attention_only_on_gpu_in_half_precision_with_many_rows(monkeypatch):
+  """cuDNN's fused attention serves the decode step only where it was measured to pay: a GPU, bf16 or
+  fp16, at least CUDNN_DECODE_MIN_ROWS rows; everywhere else (this CPU) the step keeps `attend`."""
+  rows = lm_decode.CUDNN_DECODE_MIN_ROWS
+  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 10 * rows)   # the CPU backend
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(lm_decode, "_cudnn_attention", lambda: object())
+  assert lm_decode.use_cudnn_decode(jnp.bfloat16, rows) and lm_decode.use_cudnn_decode(jnp.float16, rows)
+  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, rows - 1)
+  assert not lm_decode.use_cudnn_decode(jnp.float32, 10 * rows)
+  monkeypatch.setattr(lm_decode, "_cudnn_attention", lambda: None)    # a jax without the function
+  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 10 * rows)
