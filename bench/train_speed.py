@@ -53,6 +53,8 @@ def parse():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
+  p.add_argument("--scan-unroll", type=int, default=1,
+                 help="layers per iteration of the layer scan (model.scan_unroll; 0 = all)")
   p.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--skip-hf", action="store_true")
   p.add_argument("--skip-ours", action="store_true")
@@ -69,7 +71,7 @@ def config_for(a):
   d, layers, heads = SIZES[a.size]
   d, layers, heads = a.dim or d, a.layers or layers, a.heads or heads
   c.model.update(dim=d, num_layers=layers, num_heads=heads, ffn_dim=4 * d, num_codebooks=a.codebooks,
-                 card=a.card, dtype=a.dtype, remat=a.remat)
+                 card=a.card, dtype=a.dtype, remat=a.remat, scan_unroll=a.scan_unroll)
   c.text.update(max_length=a.text_len)
   c.train.update(batch_size=a.batch, segment_seconds=a.seconds, warmup_steps=10, num_steps=1000)
   c.pattern.delays = tuple(range(a.codebooks))
@@ -249,7 +251,7 @@ def main():
   m = c.model
   print(f"shape | layers={m.num_layers} dim={m.dim} heads={m.num_heads} ffn={m.ffn_dim} "
         f"codebooks={m.num_codebooks}x{m.card} batch={a.batch} segment={a.seconds}s text={a.text_len} "
-        f"steps/block={a.steps} repeats={a.repeats} remat={a.remat}")
+        f"steps/block={a.steps} repeats={a.repeats} remat={a.remat} scan_unroll={a.scan_unroll}")
   rows = []
   if not a.skip_ours:
     rows.append(ours(a, c))

@@ -23,7 +23,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model = ConfigDict(dict(
       num_codebooks=4, card=2048, dim=1024, num_layers=24, num_heads=16, ffn_dim=4096,
       text_dim=768, text_conditioning="cross", melody=False, num_chroma=12, chroma_length=235,
-      max_positions=2048, layer_norm_eps=1e-5, dropout=0.0, dtype="float32", remat="none"))
+      max_positions=2048, layer_norm_eps=1e-5, dropout=0.0, dtype="float32", remat="none",
+      scan_unroll=1))
 
   # Codebook pattern: name + the options that pattern takes (None = its default).
   c.pattern = ConfigDict(dict(name="delay", delays=config_dict.placeholder(tuple),
@@ -70,7 +71,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       num_workers=0, prefetch=2, min_seconds=1.0, encode_batch_size=8, encode_seconds=0.0,
       items_per_shard=64, num_examples=1024, corpus="full"))
   # Fine-tuning: a model directory (converted Hugging Face checkpoint or one of ours) to start from. Its
-  # architecture (model, text, pattern, codec) is used; dtype, dropout and remat stay this config's.
+  # architecture (model, text, pattern, codec) is used; dtype, dropout, remat and scan_unroll stay
+  # this config's.
   c.init_from = ""
   # Multi-host: explicit coordinator, or `auto` detection of TPU pods, SLURM and Open MPI jobs.
   c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1, auto=True,

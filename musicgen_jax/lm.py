@@ -54,6 +54,7 @@ class LMConfig:
   dropout: float = 0.0
   dtype: str = "float32"         # compute dtype; params are always float32
   remat: str = "none"
+  scan_unroll: int = 1           # layers per iteration of the layer scan; 0 (or >= num_layers): no loop
 
   def __post_init__(self):
     if self.dim % self.num_heads:
@@ -64,6 +65,9 @@ class LMConfig:
       raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     if self.remat not in _REMAT:
       raise ValueError(f"model.remat must be one of {_REMAT}, got {self.remat!r}")
+    if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
+      raise ValueError(f"model.scan_unroll must be an integer >= 0 (0: all layers unrolled), got "
+                       f"{self.scan_unroll!r}")
 
   @classmethod
   def from_dict(cls, d) -> "LMConfig":
@@ -134,9 +138,11 @@ class MusicGenLM(nn.Module):
     layer_cls = DecoderLayer
     if c.remat != "none":
       layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(c.remat), prevent_cse=False)
+    unroll = min(c.scan_unroll or c.num_layers, c.num_layers)
     self.layers = nn.scan(layer_cls, variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
-                          length=c.num_layers, metadata_params={nn.PARTITION_NAME: shd.LAYERS})(
+                          length=c.num_layers, unroll=unroll,
+                          metadata_params={nn.PARTITION_NAME: shd.LAYERS})(
         block, self.deterministic)
     self.layer_norm = layer_norm(c.layer_norm_eps)
     self.lm_heads = self.param(

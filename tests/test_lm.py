@@ -151,21 +151,31 @@ def _loss(cfg: lm_lib.LMConfig, params, tokens_bks, targets_bks, conds):
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets_bks).mean()
 
 
-def test_remat_gives_same_loss_and_gradients(text_lm):
+def test_remat_and_scan_unroll_give_same_loss_and_gradients(text_lm):
+  """Recomputation and unrolling the layer scan (same stacked parameters) change no number."""
   tokens = _tokens(text_lm.cfg, 6)
   targets = jnp.asarray(np.random.default_rng(6).integers(0, text_lm.cfg.card, tokens.shape))
   results = {}
-  for remat in ("none", "full", "dots"):
-    cfg = dataclasses.replace(text_lm.cfg, remat=remat)
+  variants = {"none": {}, "full": dict(remat="full"), "dots": dict(remat="dots"),
+              "unrolled": dict(scan_unroll=0),
+              "unrolled+dots": dict(scan_unroll=text_lm.cfg.num_layers, remat="dots")}
+  for name, fields in variants.items():
+    cfg = dataclasses.replace(text_lm.cfg, **fields)
     fn = jax.jit(jax.value_and_grad(functools.partial(_loss, cfg), argnums=0))
-    results[remat] = fn(text_lm.params, tokens, targets, text_lm.conds)
-  loss0, grads0 = results["none"]
+    results[name] = fn(text_lm.params, tokens, targets, text_lm.conds)
+  loss0, grads0 = results.pop("none")
   assert float(loss0) > 0 and float(optax.tree.norm(grads0)) > 1e-3
-  for remat in ("full", "dots"):
-    loss, grads = results[remat]
-    assert abs(float(loss) - float(loss0)) < 1e-5, remat
+  for name, (loss, grads) in results.items():
+    assert abs(float(loss) - float(loss0)) < 1e-5, name
     errs = jax.tree.leaves(jax.tree.map(_max_diff, grads, grads0))
-    assert max(errs) < 1e-5, (remat, max(errs))
+    assert max(errs) < 1e-5, (name, max(errs))
+  # ...while the unrolled program really has no layer loop left
+  hlo = lambda cfg: jax.jit(functools.partial(_loss, cfg)).lower(
+      text_lm.params, tokens, targets, text_lm.conds).as_text()
+  assert "while" in hlo(text_lm.cfg)
+  assert "while" not in hlo(dataclasses.replace(text_lm.cfg, scan_unroll=0))
+  with pytest.raises(ValueError, match="scan_unroll"):
+    dataclasses.replace(text_lm.cfg, scan_unroll=-1)
 
 
 # ---- parameter tree ----------------------------------------------------------------------------------

@@ -6,8 +6,8 @@
   object stores (gs://) only the first process of a job takes it.
 * `incompatible_fields`: which fields of a new config differ from the config a work directory was
   trained with in a way the checkpoint cannot absorb (parameter shapes, the pattern, the optimizer-state
-  structure, the data source). Numerics (dtype, dropout, remat), the learning-rate schedule, logging and
-  the mesh may change between runs; a checkpoint restores onto any mesh.
+  structure, the data source). Numerics (dtype, dropout, remat, scan unroll), the learning-rate
+  schedule, logging and the mesh may change between runs; a checkpoint restores onto any mesh.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ LOCK_FILE = ".lock"
 
 # Config fields whose change a checkpoint cannot absorb: (prefix, fields under it that may change).
 _FIXED = (
-    ("model.", ("model.dtype", "model.dropout", "model.remat", "model.max_positions")),
+    ("model.", ("model.dtype", "model.dropout", "model.remat", "model.scan_unroll",
+                "model.max_positions")),
     ("text.", ("text.max_length", "text.prefix_padding")),
     ("pattern.", ()),
     ("codec.", ()),
