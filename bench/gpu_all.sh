@@ -9,6 +9,7 @@
 # budget left (BUDGET_S, default 360 s of wall time); skipped pieces are listed in summary.txt:
 #   env            versions, devices; wheels from .gpu_wheels/ (ml_collections, absl-py, soundfile, ...)
 #                  installed if present and the modules are missing (e2e_speed needs them, the rest not)
+#   gpu_tests      the tests that need a GPU (tests/test_lm.py: cuDNN decode attention against `attend`)
 #   profile_b1     decode_profile, small shape, bf16, batch 1, 300 steps: the decode step's device time by
 #                  kernel (jax.profiler)
 #   variants_b1    attention variants of the decode step timed side by side at batch 1 (XLA's dots,
@@ -17,6 +18,7 @@
 #   variants_b64   the same at batch 64, 1500 steps
 #   train_profile  our train step (train_small's shape, ours only): device time by kernel
 #   train_unrolled the same with the layer scan unrolled (model.scan_unroll=0)
+#   b1_gemv        profile_b1 with the layer projections as products and sums (variant gemv-reduce)
 #   b1_cublas      profile_b1 with XLA's Triton matmuls off (cuBLAS for every dot)
 #   codec_30s      codec_speed: EnCodec 32 kHz encode / decode of 30 s, ours vs transformers, fp32
 #   small_b1       sample_speed, small shape (24 x 1024), bf16, batch 1, CFG, 1500 steps: ours vs
@@ -103,6 +105,7 @@ flax.__version__, jax.devices())"
 }
 
 piece env 60 -- bash -c "$(declare -f env_check); env_check"
+piece gpu_tests 150 -- python -m pytest -q -n 0 -p no:cacheprovider tests/test_lm.py -k cudnn
 piece profile_b1 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
     --batch 1 --steps $SHORT --variants base --profile --agree-steps 0 --json "$OUT/profile_b1.json"
 piece variants_b1 200 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
@@ -118,6 +121,8 @@ piece train_profile 150 -- python bench/train_speed.py "${TRAIN[@]}" --skip-hf -
     --json "$OUT/train_profile.json"
 piece train_unrolled 200 -- python bench/train_speed.py "${TRAIN[@]}" --skip-hf --profile --scan-unroll 0 \
     --json "$OUT/train_unrolled.json"
+piece b1_gemv 90 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch 1 --steps $SHORT --variants gemv-reduce --profile --agree-steps 0 --json "$OUT/b1_gemv.json"
 piece b1_cublas 90 XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" -- "${PY[@]}" bench/decode_profile.py \
     ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 --batch 1 --steps $SHORT --variants base --profile \
     --agree-steps 0 --json "$OUT/b1_cublas.json"

@@ -10,8 +10,9 @@ full forward scans over. Before the step loop, `serving_weights` turns them, onc
 (k, v) [B, H, S, Dh] (head-major: the attention dots read it without a transpose), carried by the
 caller's step scan and updated in place at `pos`. Attention reads the whole cache, masked, with its
 softmax in float32; the sampler sizes the caches by segment of steps (`grow_caches`), so a step reads
-about the filled part. On a GPU in bf16 with many rows the step's self-attention is cuDNN's fused
-attention instead, which reads the cache only up to the filled length (`use_cudnn_decode`). `prefill` (the prefix and the first steps, once per call) scans over the stacked
+about the filled part. On a GPU in bf16 with many rows the step's self-attention can be cuDNN's fused
+attention instead, which reads the cache only up to the filled length (`use_cudnn_decode`; off until
+checked on a GPU). `prefill` (the prefix and the first steps, once per call) scans over the stacked
 layers instead: it runs once, so one compiled layer is enough.
 
 Both equal `MusicGenLM.__call__` on the same steps (tests/test_lm.py).
@@ -171,6 +172,12 @@ def _heads(cfg: lm_lib.LMConfig, x_bnd: jax.Array) -> jax.Array:
   return x_bnd.reshape(b, n, cfg.num_heads, cfg.head_dim)
 
 
+def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., D_in] @ w [D_in, D_out]: every projection of a layer but the fused Q/K/V (one place to
+  try other forms of the step's matrix-vector products; bench/decode_profile.py does)."""
+  return x @ w
+
+
 def _layer(cfg: lm_lib.LMConfig, lw: LayerWeights, x_bnd: jax.Array, cache: KV | None, pos,
            cross: KV | None, cross_mask: jax.Array | None) -> tuple[jax.Array, KV]:
   """One pre-norm decoder layer on a chunk x [B, N, D] (the residual stream, compute dtype).
@@ -199,29 +206,33 @@ def _layer(cfg: lm_lib.LMConfig, lw: LayerWeights, x_bnd: jax.Array, cache: KV |
       length = cache[0].shape[2]
       mask = (jnp.arange(length)[None, :] <= pos + jnp.arange(n)[:, None])[None, None]
       h = attend(q * scale, new_kv[0], new_kv[1], mask, kv_heads_first=True)
-  x_bnd = x_bnd + (h.reshape(b, n, cfg.dim) @ lw.self_out).astype(x_bnd.dtype)
+  x_bnd = x_bnd + _dense(h.reshape(b, n, cfg.dim), lw.self_out).astype(x_bnd.dtype)
   if lw.cross_q is not None:
     h = _layer_norm(cfg, x_bnd, lw.cross_norm).astype(dt)
-    q = _heads(cfg, h @ lw.cross_q) * scale
+    q = _heads(cfg, _dense(h, lw.cross_q)) * scale
     h = attend(q, cross[0], cross[1], cross_mask[:, None, None, :].astype(bool), kv_heads_first=True)
-    x_bnd = x_bnd + (h.reshape(b, n, cfg.dim) @ lw.cross_out).astype(x_bnd.dtype)
+    x_bnd = x_bnd + _dense(h.reshape(b, n, cfg.dim), lw.cross_out).astype(x_bnd.dtype)
   h = _layer_norm(cfg, x_bnd, lw.ffn_norm).astype(dt)
-  h = jax.nn.gelu(h @ lw.fc1, approximate=False)
-  return x_bnd + (h @ lw.fc2).astype(x_bnd.dtype), new_kv
+  h = jax.nn.gelu(_dense(h, lw.fc1), approximate=False)
+  return x_bnd + _dense(h, lw.fc2).astype(x_bnd.dtype), new_kv
 
 
 # Decode self-attention through cuDNN's fused attention from this many rows (the batch, doubled with
-# CFG in one batch) on a GPU in bf16 / fp16. It reads the head-major cache as it is, up to the filled
-# length. On one H200 at the small shape (docs/BENCHMARKS.md, bench/decode_profile.py): 251 against 203
-# steps/s at 128 rows over 1500 steps, 757 against 784 at 2 rows over 300 steps (there the step is
-# bound by its count of small kernels, not by reading the cache).
-CUDNN_DECODE_MIN_ROWS = 16
+# CFG in one batch) on a GPU in bf16 / fp16; None: never. It reads the head-major cache as it is, up
+# to the filled length. On one H200 at the small shape (docs/BENCHMARKS.md, bench/decode_profile.py):
+# 251 against 203 steps/s at 128 rows over 1500 steps, 727 against 631 at 16 rows, 757 against 784
+# at 2 rows over 300 steps (there the step is bound by its matmuls, not by reading the cache). So 16
+# is the threshold to set -- once tests/test_lm.py's GPU check of this path against `attend` has
+# passed on a GPU, which the session that measured it had no device time left to run. Until then
+# it is off, and the benches turn it on to measure it.
+CUDNN_DECODE_MIN_ROWS: int | None = None
 
 
 def use_cudnn_decode(dtype, rows: int) -> bool:
   """Whether a decode step of `rows` rows in `dtype` runs its self-attention through cuDNN."""
-  return (rows >= CUDNN_DECODE_MIN_ROWS and jax.default_backend() == "gpu"
-          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and _cudnn_attention() is not None)
+  return (CUDNN_DECODE_MIN_ROWS is not None and rows >= CUDNN_DECODE_MIN_ROWS
+          and jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and _cudnn_attention() is not None)
 
 
 def _cudnn_attention():

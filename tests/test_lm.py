@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 from musicgen_jax import lm as lm_lib
 from musicgen_jax import lm_decode
 from musicgen_jax import sharding as shd
+from musicgen_jax.nn.attention import attend
 
 from tests.conftest import TEXT_CFG, TinyLM, abstract_params
 
@@ -343,14 +344,38 @@ def test_config_from_dict():
 
 
 def test_cudnn_decode_attention_only_on_gpu_in_half_precision_with_many_rows(monkeypatch):
-  """cuDNN's fused attention serves the decode step only where it was measured to pay: a GPU, bf16 or
-  fp16, at least CUDNN_DECODE_MIN_ROWS rows; everywhere else (this CPU) the step keeps `attend`."""
-  rows = lm_decode.CUDNN_DECODE_MIN_ROWS
-  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 10 * rows)   # the CPU backend
+  """cuDNN's fused attention serves the decode step only where it is switched on and was measured to
+  pay: a GPU, bf16 or fp16, at least CUDNN_DECODE_MIN_ROWS rows; everywhere else `attend`."""
+  monkeypatch.setattr(lm_decode, "CUDNN_DECODE_MIN_ROWS", 16)
+  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 160)   # the CPU backend
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(lm_decode, "_cudnn_attention", lambda: object())
-  assert lm_decode.use_cudnn_decode(jnp.bfloat16, rows) and lm_decode.use_cudnn_decode(jnp.float16, rows)
-  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, rows - 1)
-  assert not lm_decode.use_cudnn_decode(jnp.float32, 10 * rows)
+  assert lm_decode.use_cudnn_decode(jnp.bfloat16, 16) and lm_decode.use_cudnn_decode(jnp.float16, 16)
+  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 15)
+  assert not lm_decode.use_cudnn_decode(jnp.float32, 160)
+  monkeypatch.setattr(lm_decode, "CUDNN_DECODE_MIN_ROWS", None)    # switched off
+  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 160)
+  monkeypatch.setattr(lm_decode, "CUDNN_DECODE_MIN_ROWS", 16)
   monkeypatch.setattr(lm_decode, "_cudnn_attention", lambda: None)    # a jax without the function
-  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 10 * rows)
+  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 160)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or lm_decode._cudnn_attention() is None,
+                    reason="cuDNN's fused attention needs a GPU")
+@pytest.mark.parametrize("rows,length", [(2, 1), (16, 37), (128, 300)])
+def test_cudnn_decode_attention_matches_attend(rows, length):
+  """The cuDNN decode path against `attend` on the same bf16 cache: the positions past the filled
+  length hold huge values, so reading any of them shows."""
+  h, s, d = 16, 320, 64
+  rng = np.random.default_rng(rows)
+  q = jnp.asarray(rng.normal(size=(rows, 1, h, d)) / 8, jnp.bfloat16)
+  k, v = (np.asarray(rng.normal(size=(rows, h, s, d)), np.float32) for _ in range(2))
+  k[:, :, length:], v[:, :, length:] = 1e4, 1e4
+  k, v = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+  got = jax.jit(lm_decode._cudnn_decode_attention)(q, k, v, jnp.int32(length))
+  mask = (jnp.arange(s) < length)[None, None, None, :]
+  want = attend(q, k, v, mask, kv_heads_first=True)
+  assert got.shape == want.shape == (rows, 1, h, d)
+  err = float(jnp.linalg.norm((got - want).astype(jnp.float32)) /
+              jnp.linalg.norm(want.astype(jnp.float32)))
+  assert err < 2e-2, err
