@@ -72,11 +72,7 @@ def _cudnn_cross_attend(q, k, v, mask=None, bias=None, kv_heads_first=False):
     return _LIBRARY_ATTEND(q, k, v, mask, bias, kv_heads_first)
   lengths = jnp.sum(mask[:, 0, 0, :].astype(jnp.int32), axis=-1)
   lengths = jnp.maximum(lengths, 1)   # a null text condition: its keys are all equal, any one will do
-  fa = lm_decode._cudnn_attention()
-  out = fa.dot_product_attention(q.swapaxes(1, 2), k, v, q_seqlen=jnp.ones((q.shape[0],), jnp.int32),
-                                 kv_seqlen=lengths, scale=1.0, mask_type=fa.MaskType.PADDING,
-                                 qkv_layout="BNTH")
-  return out.swapaxes(1, 2)
+  return lm_decode._cudnn_decode_attention(q, k, v, lengths)
 
 
 _LIBRARY_MIN_ROWS = lm_decode.CUDNN_DECODE_MIN_ROWS

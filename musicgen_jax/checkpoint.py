@@ -218,8 +218,7 @@ def cast_floating(params: Any, dtype) -> Any:
   weights of every other path; the export casts the other way."""
   dtype = np.dtype(dtype)
   leaves = jax.tree.leaves(params)
-  if not any(jax.numpy.issubdtype(x.dtype, jax.numpy.floating) and x.dtype != dtype  # numpy's misses
-             for x in leaves):                                                       # bfloat16
+  if not any(_floating(x) and x.dtype != dtype for x in leaves):
     return params
   if all(isinstance(x, np.ndarray) for x in leaves):
     return _cast_leaves(params, dtype)
@@ -228,9 +227,12 @@ def cast_floating(params: Any, dtype) -> Any:
   return jax.jit(_cast_leaves, static_argnums=1)(params, dtype)
 
 
+def _floating(x) -> bool:
+  return jax.numpy.issubdtype(x.dtype, jax.numpy.floating)   # numpy's issubdtype misses bfloat16
+
+
 def _cast_leaves(params: Any, dtype: np.dtype) -> Any:
-  cast = lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x
-  return jax.tree.map(cast, params)
+  return jax.tree.map(lambda x: x.astype(dtype) if _floating(x) else x, params)
 
 
 def load_codec(directory: str):

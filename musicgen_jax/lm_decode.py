@@ -248,14 +248,14 @@ def _cudnn_attention():
 
 def _cudnn_decode_attention(q_b1hd: jax.Array, k_bhsd: jax.Array, v_bhsd: jax.Array,
                             length) -> jax.Array:
-  """One query per row (already scaled) over the first `length` positions of the head-major cache,
-  by cuDNN's fused attention; -> [B, 1, H, Dh]."""
+  """One query per row (already scaled) over the first `length` positions (a scalar, or one per row)
+  of head-major keys and values, by cuDNN's fused attention; -> [B, 1, H, Dh]."""
   fa = _cudnn_attention()
   b = q_b1hd.shape[0]
   out = fa.dot_product_attention(
       q_b1hd.swapaxes(1, 2), k_bhsd, v_bhsd, q_seqlen=jnp.ones((b,), jnp.int32),
-      kv_seqlen=jnp.full((b,), length, jnp.int32), scale=1.0, mask_type=fa.MaskType.PADDING,
-      qkv_layout="BNTH")
+      kv_seqlen=jnp.broadcast_to(jnp.asarray(length, jnp.int32), (b,)), scale=1.0,
+      mask_type=fa.MaskType.PADDING, qkv_layout="BNTH")
   return out.swapaxes(1, 2)
 
 

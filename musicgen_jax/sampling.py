@@ -460,8 +460,12 @@ def generate(params: Any, cfg: lm_lib.LMConfig, pattern, conds: lm_lib.Condition
   if b is None:
     raise ValueError("unconditional generation needs batch_size")
   # Host arrays where they are made here: each eager jnp op is a compiled program of its own.
-  prompt = np.zeros((b, cfg.num_codebooks, 0), np.int32) if prompt is None else prompt
-  prompt = prompt.astype(np.int32) if isinstance(prompt, np.ndarray) else jnp.asarray(prompt, jnp.int32)
+  if prompt is None:
+    prompt = np.zeros((b, cfg.num_codebooks, 0), np.int32)
+  elif isinstance(prompt, np.ndarray):
+    prompt = prompt.astype(np.int32)
+  else:
+    prompt = jnp.asarray(prompt, jnp.int32)
   mode = settings.cfg_mode if settings.cfg_coef != 1.0 else "none"
   if not leaves:
     mode = "none"

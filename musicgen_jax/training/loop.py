@@ -92,9 +92,9 @@ def task_class(config: ml_collections.ConfigDict):
 
 def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """With `init_from`, the architecture (model shape, text encoder, pattern, codec) is the model
-  directory's; numerics (dtype, dropout, remat, scan_unroll) and everything else stay the config's. Without it,
-  an LM run whose token cache comes from `data.codec` takes that codec's architecture, so its work
-  directory is a whole model (LM, text encoder and codec) that sample.py reads."""
+  directory's; numerics (dtype, dropout, remat, scan_unroll) and everything else stay the config's.
+  Without it, an LM run whose token cache comes from `data.codec` takes that codec's architecture,
+  so its work directory is a whole model (LM, text encoder and codec) that sample.py reads."""
   if not config.init_from:
     data = config.get("data")
     if ("model" in config and data is not None and data.get("codec")
@@ -107,8 +107,8 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.Confi
   source = checkpoint.read_config(config.init_from)
   config = ml_collections.ConfigDict(config.to_dict())
   has_model = "model" in config
-  keep = ({k: config.model[k] for k in ("dtype", "dropout", "remat", "scan_unroll") if k in config.model}
-          if has_model else {})
+  numerics = ("dtype", "dropout", "remat", "scan_unroll")
+  keep = {k: config.model[k] for k in numerics if k in config.model} if has_model else {}
   sections = ("model", "text", "pattern", "codec") if has_model else ("codec",)
   for section in sections:
     if section in source:
