@@ -10,15 +10,16 @@ and the busy time against the wall time of the call (the difference is launch ga
 Variants (each changes how the decode step computes attention or its projections; the stored weights
 are the same):
   base        the library's decode step as it is (lm_decode.py: self-attention through cuDNN on a GPU
-              in bf16 from lm_decode.CUDNN_DECODE_MIN_ROWS rows, else XLA's dots)
+              in bf16 from lm_decode.CUDNN_DECODE_MIN_ROWS rows, else XLA's dots; on a GPU the
+              projections of at most REDUCE_DENSE_MAX_ROWS rows as products and sums)
   xla         XLA's dots for every attention (no cuDNN)
   reduce      single-query attention as elementwise products and reductions instead of dots, so XLA
               may fuse scores, mask and softmax into fewer kernels
   cudnn-self  self-attention over the KV cache through cuDNN at any number of rows (GPU, bf16 only),
               the cache read in its head-major layout (BNTH) up to the filled length
   cudnn-both  cudnn-self and the cross-attention too (key lengths from the text mask)
-  gemv-reduce the layer projections (all but the fused Q/K/V) as products and a sum for at most 8
-              rows, instead of a matmul kernel (batch 1 is bound by its matmuls; BENCHMARKS.md)
+  matmul      the layer projections as matmuls at any number of rows (the library runs them as
+              products and a sum for a few rows on a GPU: lm_decode.REDUCE_DENSE_MAX_ROWS)
 A variant that cannot run here (cuDNN on a CPU) is reported as such and skipped.
 
     python bench/decode_profile.py --dtype bfloat16 --steps 300 --variants base,reduce,cudnn-self --profile
@@ -48,7 +49,7 @@ from bench import sample_speed  # noqa: E402
 from musicgen_jax import lm_decode  # noqa: E402
 from musicgen_jax.nn import attention as attention_lib  # noqa: E402
 
-VARIANTS = ("base", "xla", "reduce", "cudnn-self", "cudnn-both", "gemv-reduce")
+VARIANTS = ("base", "xla", "reduce", "cudnn-self", "cudnn-both", "matmul")
 _LIBRARY_ATTEND = attention_lib.attend
 
 
@@ -76,26 +77,18 @@ def _cudnn_cross_attend(q, k, v, mask=None, bias=None, kv_heads_first=False):
 
 
 _LIBRARY_MIN_ROWS = lm_decode.CUDNN_DECODE_MIN_ROWS
-_LIBRARY_DENSE = lm_decode._dense
-
-
-def _reduce_dense(x, w):
-  """x [B, N, D_in] @ w as products and a sum over D_in (float32): for a few rows, a reduction that
-  reads each weight once instead of a matmul kernel built for many rows."""
-  if x.shape[0] * x.shape[1] > 8:
-    return _LIBRARY_DENSE(x, w)
-  return jnp.sum(x[..., :, None].astype(jnp.float32) * w.astype(jnp.float32), axis=-2).astype(x.dtype)
+_LIBRARY_DENSE_BACKENDS = lm_decode.REDUCE_DENSE_BACKENDS
 
 
 def use_variant(name: str) -> None:
-  """Sets lm_decode's attention for the variant (the decode step reads `lm_decode.attend` and
-  `lm_decode.CUDNN_DECODE_MIN_ROWS`)."""
+  """Sets lm_decode's attention and projections for the variant (the decode step reads
+  `lm_decode.attend`, `lm_decode.CUDNN_DECODE_MIN_ROWS` and `lm_decode.REDUCE_DENSE_BACKENDS`)."""
   lm_decode.attend, lm_decode.CUDNN_DECODE_MIN_ROWS = _LIBRARY_ATTEND, _LIBRARY_MIN_ROWS
-  lm_decode._dense = _LIBRARY_DENSE
+  lm_decode.REDUCE_DENSE_BACKENDS = _LIBRARY_DENSE_BACKENDS
   if name == "base":
     return
-  if name == "gemv-reduce":
-    lm_decode._dense = _reduce_dense
+  if name == "matmul":
+    lm_decode.REDUCE_DENSE_BACKENDS = ()
     return
   if name == "xla":
     lm_decode.CUDNN_DECODE_MIN_ROWS = sys.maxsize

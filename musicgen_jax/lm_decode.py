@@ -172,10 +172,30 @@ def _heads(cfg: lm_lib.LMConfig, x_bnd: jax.Array) -> jax.Array:
   return x_bnd.reshape(b, n, cfg.num_heads, cfg.head_dim)
 
 
+# The projections of a decode step of at most this many rows (the batch, doubled with CFG in one batch,
+# times the chunk) run as elementwise products and a float32 sum over the input features on these
+# backends, instead of a matmul. A matmul kernel is tiled for many rows; at one or two rows XLA's
+# GPU matmuls read the weights at about a fifth of the bandwidth, and at batch 1 the step is bound by
+# that read. On one H200 at the small shape in bf16 (docs/BENCHMARKS.md, bench/decode_profile.py),
+# batch 1 over 300 steps: 858 steps/s with matmuls, 1002 with the layer projections as sums (796
+# and 996 with cuBLAS instead of Triton matmuls). On a CPU the sums are slower (XLA:CPU's dot is a
+# tuned matrix-vector product), so there the matmul stays.
+REDUCE_DENSE_MAX_ROWS = 8
+REDUCE_DENSE_BACKENDS = ("gpu",)
+
+
+def use_reduce_dense(rows: int) -> bool:
+  """Whether a decode step of `rows` rows runs its projections as products and sums."""
+  return rows <= REDUCE_DENSE_MAX_ROWS and jax.default_backend() in REDUCE_DENSE_BACKENDS
+
+
 def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., D_in] @ w [D_in, D_out]: every projection of a layer but the fused Q/K/V (one place to
-  try other forms of the step's matrix-vector products; bench/decode_profile.py does)."""
-  return x @ w
+  """x [..., D_in] @ w [D_in, *out] -> [..., *out], in x's dtype: a matmul, or for a few rows
+  (use_reduce_dense) products and a float32 sum that read each weight once."""
+  if use_reduce_dense(x.size // x.shape[-1]):
+    xs = x.reshape(x.shape + (1,) * (w.ndim - 1)).astype(jnp.float32)
+    return jnp.sum(xs * w.astype(jnp.float32), axis=x.ndim - 1).astype(x.dtype)
+  return jnp.tensordot(x, w, axes=1)
 
 
 def _layer(cfg: lm_lib.LMConfig, lw: LayerWeights, x_bnd: jax.Array, cache: KV | None, pos,
@@ -192,7 +212,7 @@ def _layer(cfg: lm_lib.LMConfig, lw: LayerWeights, x_bnd: jax.Array, cache: KV |
   b, n, _ = x_bnd.shape
   scale = jnp.asarray(cfg.head_dim ** -0.5, dt)
   h = _layer_norm(cfg, x_bnd, lw.self_norm).astype(dt)
-  qkv = jnp.einsum("bnd,dtf->bntf", h, lw.qkv)     # the dot's natural output order: no transpose
+  qkv = _dense(h, lw.qkv)     # [B, N, 3, D]: the dot's natural output order, no transpose
   q, k, v = (_heads(cfg, qkv[:, :, i]) for i in range(3))
   new_kv = (k.swapaxes(1, 2), v.swapaxes(1, 2))
   if cache is None:
@@ -221,11 +241,9 @@ def _layer(cfg: lm_lib.LMConfig, lw: LayerWeights, x_bnd: jax.Array, cache: KV |
 # CFG in one batch) on a GPU in bf16 / fp16; None: never. It reads the head-major cache as it is, up
 # to the filled length. On one H200 at the small shape (docs/BENCHMARKS.md, bench/decode_profile.py):
 # 251 against 203 steps/s at 128 rows over 1500 steps, 727 against 631 at 16 rows, 757 against 784
-# at 2 rows over 300 steps (there the step is bound by its matmuls, not by reading the cache). So 16
-# is the threshold to set -- once tests/test_lm.py's GPU check of this path against `attend` has
-# passed on a GPU, which the session that measured it had no device time left to run. Until then
-# it is off, and the benches turn it on to measure it.
-CUDNN_DECODE_MIN_ROWS: int | None = None
+# at 2 rows over 300 steps (there the step is bound by its matmuls, not by reading the cache). Its
+# output equals `attend`'s on a GPU (tests/test_lm.py, run there by bench/gpu_all.sh's gpu_tests).
+CUDNN_DECODE_MIN_ROWS: int | None = 16
 
 
 def use_cudnn_decode(dtype, rows: int) -> bool:

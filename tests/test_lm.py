@@ -73,14 +73,25 @@ def _cached_logits(model: lm_lib.MusicGenLM, params, tokens_bks, conds, chunks, 
   return jnp.concatenate(out, axis=2)
 
 
+@pytest.mark.parametrize("projections", ["matmul", "sums"])
 @pytest.mark.parametrize("which", ["text_lm", "melody_lm"])
-def test_cached_decoding_matches_full_forward(which, request):
+def test_cached_decoding_matches_full_forward(which, projections, request, monkeypatch):
   lm: TinyLM = request.getfixturevalue(which)
   tokens = _tokens(lm.cfg, 1)
   full = lm.forward(lm.params, tokens, lm.conds)
   assert full.shape == (2, 4, STEPS, lm.cfg.card) and full.dtype == jnp.float32
-  cached_fn = jax.jit(functools.partial(_cached_logits, lm.model, chunks=(3, 2), cache_room=3))
-  cached = cached_fn(lm.params, tokens, lm.conds)
+  # A new function object per trace: jax caches traces by function, and the module constant below is
+  # read while tracing.
+  cached_fn = lambda: functools.partial(_cached_logits, lm.model, chunks=(3, 2), cache_room=3)
+  if projections == "sums":
+    # The GPU's form of a few rows' projections (lm_decode.use_reduce_dense), here on this backend:
+    # the chunks of 2 and of 1 steps have at most 8 rows, so their layers' matmuls (4 or 6 a layer)
+    # are gone from the program.
+    dots = lambda: str(jax.make_jaxpr(cached_fn())(lm.params, tokens, lm.conds)).count("dot_general")
+    matmul_dots = dots()
+    monkeypatch.setattr(lm_decode, "REDUCE_DENSE_BACKENDS", (jax.default_backend(),))
+    assert dots() <= matmul_dots - 4 * lm.cfg.num_layers * 2
+  cached = jax.jit(cached_fn())(lm.params, tokens, lm.conds)
   assert cached.shape == full.shape and cached.dtype == jnp.float32
   err = _max_diff(cached, full)
   assert err < 1e-5, err
@@ -177,6 +188,11 @@ def test_remat_and_scan_unroll_give_same_loss_and_gradients(text_lm):
   assert "while" not in hlo(dataclasses.replace(text_lm.cfg, scan_unroll=0))
   with pytest.raises(ValueError, match="scan_unroll"):
     dataclasses.replace(text_lm.cfg, scan_unroll=-1)
+  # The default (None) picks by backend: the loop here and on TPU, every layer unrolled on a GPU.
+  assert text_lm.cfg.scan_unroll is None
+  layers = text_lm.cfg.num_layers
+  assert [lm_lib.layer_scan_unroll(text_lm.cfg, b) for b in ("cpu", "tpu", "gpu")] == [1, 1, layers]
+  assert lm_lib.layer_scan_unroll(dataclasses.replace(text_lm.cfg, scan_unroll=1), "gpu") == 1
 
 
 # ---- parameter tree ----------------------------------------------------------------------------------
@@ -347,7 +363,8 @@ def test_cudnn_decode_attention_only_on_gpu_in_half_precision_with_many_rows(mon
   """cuDNN's fused attention serves the decode step only where it is switched on and was measured to
   pay: a GPU, bf16 or fp16, at least CUDNN_DECODE_MIN_ROWS rows; everywhere else `attend`."""
   monkeypatch.setattr(lm_decode, "CUDNN_DECODE_MIN_ROWS", 16)
-  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 160)   # the CPU backend
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 160)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(lm_decode, "_cudnn_attention", lambda: object())
   assert lm_decode.use_cudnn_decode(jnp.bfloat16, 16) and lm_decode.use_cudnn_decode(jnp.float16, 16)
@@ -358,6 +375,15 @@ def test_cudnn_decode_attention_only_on_gpu_in_half_precision_with_many_rows(mon
   monkeypatch.setattr(lm_decode, "CUDNN_DECODE_MIN_ROWS", 16)
   monkeypatch.setattr(lm_decode, "_cudnn_attention", lambda: None)    # a jax without the function
   assert not lm_decode.use_cudnn_decode(jnp.bfloat16, 160)
+
+
+def test_reduce_dense_only_on_gpu_with_few_rows(monkeypatch):
+  """The decode step's projections run as products and sums only where that was measured to pay."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert lm_decode.use_reduce_dense(1) and lm_decode.use_reduce_dense(lm_decode.REDUCE_DENSE_MAX_ROWS)
+  assert not lm_decode.use_reduce_dense(lm_decode.REDUCE_DENSE_MAX_ROWS + 1)
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert not lm_decode.use_reduce_dense(1)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or lm_decode._cudnn_attention() is None,
