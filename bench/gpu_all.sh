@@ -17,9 +17,11 @@
 #   variants_b8    XLA against cuDNN self-attention at batch 8 (16 rows), 1500 steps
 #   variants_b64   the same at batch 64, 1500 steps
 #   train_profile  our train step (train_small's shape, ours only): device time by kernel
+#   train_rolled   our train step with the layer loop (scan_unroll 1, ours only), beside train_unrolled
 #   train_unrolled the same with the layer scan unrolled (model.scan_unroll=0)
-#   b1_gemv        profile_b1 with the layer projections as products and sums (variant gemv-reduce)
-#   b1_cublas      profile_b1 with XLA's Triton matmuls off (cuBLAS for every dot)
+#   b1_matmul      profile_b1 beside the layer projections as matmuls (variant matmul; the library
+#                  runs them as products and sums at batch 1 on a GPU)
+#   b1_cublas      b1_matmul with XLA's Triton matmuls off (cuBLAS for every dot)
 #   codec_30s      codec_speed: EnCodec 32 kHz encode / decode of 30 s, ours vs transformers, fp32
 #   small_b1       sample_speed, small shape (24 x 1024), bf16, batch 1, CFG, 1500 steps: ours vs
 #                  transformers fp32 (its fastest), same run; kernels and bytes copied per step
@@ -119,12 +121,14 @@ piece variants_b64 200 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL
     --json "$OUT/variants_b64.json"
 piece train_profile 150 -- python bench/train_speed.py "${TRAIN[@]}" --skip-hf --profile \
     --json "$OUT/train_profile.json"
+piece train_rolled 120 -- python bench/train_speed.py "${TRAIN[@]}" --skip-hf --scan-unroll 1 \
+    --json "$OUT/train_rolled.json"
 piece train_unrolled 200 -- python bench/train_speed.py "${TRAIN[@]}" --skip-hf --profile --scan-unroll 0 \
     --json "$OUT/train_unrolled.json"
-piece b1_gemv 90 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
-    --batch 1 --steps $SHORT --variants gemv-reduce --profile --agree-steps 0 --json "$OUT/b1_gemv.json"
-piece b1_cublas 90 XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" -- "${PY[@]}" bench/decode_profile.py \
-    ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 --batch 1 --steps $SHORT --variants base --profile \
+piece b1_matmul 130 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch 1 --steps $SHORT --variants base,matmul --profile --agree-steps 0 --json "$OUT/b1_matmul.json"
+piece b1_cublas 130 XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" -- "${PY[@]}" bench/decode_profile.py \
+    ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 --batch 1 --steps $SHORT --variants base,matmul --profile \
     --agree-steps 0 --json "$OUT/b1_cublas.json"
 piece codec_30s 120 -- python bench/codec_speed.py --seconds $CODEC_S --repeats 5
 piece small_b1 110 -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch 1 --steps $STEPS --repeats 3 \

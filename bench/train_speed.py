@@ -34,6 +34,7 @@ import numpy as np
 
 from bench.common import (format_kernel_profile, kernel_profile, machine_info, machine_line,
                           peak_flops)
+from musicgen_jax.lm import LMConfig, layer_scan_unroll
 
 SIZES = {"small": (1024, 24, 16), "medium": (1536, 48, 24), "large": (2048, 48, 32)}
 
@@ -53,8 +54,9 @@ def parse():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
-  p.add_argument("--scan-unroll", type=int, default=1,
-                 help="layers per iteration of the layer scan (model.scan_unroll; 0 = all)")
+  p.add_argument("--scan-unroll", type=int, default=None,
+                 help="layers per iteration of the layer scan (model.scan_unroll; 0 = all; default: "
+                      "the library's choice for the backend, lm.layer_scan_unroll)")
   p.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--skip-hf", action="store_true")
   p.add_argument("--skip-ours", action="store_true")
@@ -251,7 +253,8 @@ def main():
   m = c.model
   print(f"shape | layers={m.num_layers} dim={m.dim} heads={m.num_heads} ffn={m.ffn_dim} "
         f"codebooks={m.num_codebooks}x{m.card} batch={a.batch} segment={a.seconds}s text={a.text_len} "
-        f"steps/block={a.steps} repeats={a.repeats} remat={a.remat} scan_unroll={a.scan_unroll}")
+        f"steps/block={a.steps} repeats={a.repeats} remat={a.remat} scan_unroll={a.scan_unroll} "
+        f"(layers per scan iteration: {layer_scan_unroll(LMConfig.from_dict(m))})")
   rows = []
   if not a.skip_ours:
     rows.append(ours(a, c))

@@ -79,3 +79,38 @@ def test_two_processes_train_like_one(tmp_path):
   config, params = checkpoint.load_model(os.path.join(root, "two"))
   assert config.codec.encodec.codebook_size == ENCODEC["codebook_size"]
   assert sorted(params) == ["codec", "lm", "text"]
+
+
+_GATHER_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from musicgen_jax.eval import hook
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+full = np.arange(24, dtype=np.float32).reshape(4, 6)
+mine = full[2 * jax.process_index():2 * jax.process_index() + 2]
+params = {"split": jax.make_array_from_process_local_data(NamedSharding(mesh, P("fsdp")), mine),
+          "replicated": jax.make_array_from_process_local_data(NamedSharding(mesh, P()), full[0])}
+got = hook.gather(params)
+print(json.dumps({k: [list(np.shape(v)), np.asarray(v).tolist(), type(v).__module__]
+                  for k, v in got.items()}))
+"""
+
+
+def test_generative_hook_gathers_sharded_weights_across_processes():
+  """The generative evaluation samples on process 0 from the whole weights: `hook.gather` (every
+  process calls it) turns weights split across processes into full host arrays on each of them."""
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", _GATHER_SCRIPT, f"localhost:{port}", str(i)],
+                            cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  full = np.arange(24, dtype=np.float32).reshape(4, 6)
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["split"][0] == [4, 6] and got["split"][1] == full.tolist()
+    assert got["replicated"][0] == [6] and got["replicated"][1] == full[0].tolist()
+    assert got["split"][2] == got["replicated"][2] == "numpy"
