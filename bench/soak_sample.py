@@ -75,9 +75,7 @@ def make_models(root: str) -> dict[str, str]:
       fill, jax.eval_shape(model.codec.init, jax.random.key(0)))
   model.save(dirs["codec"])
   shutil.copytree(dirs["plain"], dirs["damaged"])
-  files = [os.path.join(d, n) for d, _, ns in os.walk(os.path.join(dirs["damaged"],
-                                                                   checkpoint.PARAMS_DIR)) for n in ns]
-  victim = max(files, key=os.path.getsize)
+  victim = os.path.join(dirs["damaged"], checkpoint.PARAMS_FILE)
   with open(victim, "r+b") as f:
     f.seek(os.path.getsize(victim) // 3)
     f.write(os.urandom(32))

@@ -1,13 +1,19 @@
-"""Model directories: an Orbax parameter checkpoint plus the config our code loads.
+"""Model directories: the parameters in one safetensors file plus the config our code loads.
 
-Layout written by `save_model` (export, import of pretrained weights) and by train.py:
+Layout written by `save_model` (export, import of pretrained weights, a training run's best/ and codec/):
     DIR/musicgen_config.json      the ml_collections config (JSON)
-    DIR/params/                   Orbax checkpoint of {'lm': ..., 'text': ..., 'codec': ... (optional)}
+    DIR/params.safetensors        {'lm': ..., 'text': ..., 'codec': ... (optional)}, one tensor per leaf
+                                  named by its path ("lm/layers/fc1/kernel"), in the stored dtype
     DIR/tokenizer.json            optional, the text tokenizer
     DIR/integrity.json            sizes and checksums of the files above (musicgen_jax.integrity)
-A training work directory holds the same config file and `checkpoints/<step>/...` (Orbax
-CheckpointManager); `load_model` takes the parameters of its latest step (verified against
-`integrity/<step>.json` when the training wrote one).
+Directories written before the safetensors file held the same tree as an Orbax checkpoint in
+`DIR/params/`; they are still read. A training work directory holds the same config file and
+`checkpoints/<step>/...` (Orbax CheckpointManager); `load_model` takes the parameters of its latest
+step (verified against `integrity/<step>.json` when the training wrote one).
+
+safetensors, not Orbax, for the finished model: it is the format model weights are shared in, and it
+loads several times faster (a converted small model with T5 base, 2.35 GB, on the 2-core CPU: 1.8 s
+to read against 10.2 s through Orbax and tensorstore), without importing Orbax at all.
 """
 from __future__ import annotations
 
@@ -21,15 +27,16 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 CONFIG_FILE = "musicgen_config.json"
-PARAMS_DIR = "params"
+PARAMS_FILE = "params.safetensors"
+PARAMS_DIR = "params"           # the Orbax parameter checkpoint of older model directories
 TOKENIZER_FILE = "tokenizer.json"
 TRAIN_CHECKPOINTS = "checkpoints"
 CODEC_DIR = "codec"             # <workdir>/codec/: the codec of a fine-tuned model (a model directory)
 TRAIN_RECORDS = "integrity"     # <workdir>/integrity/<step>.json (training/checkpoints.py writes them)
+_FORMAT = {"format": "musicgen_jax"}
 
 
 class CheckpointError(ValueError):
@@ -71,11 +78,12 @@ def _lists_to_tuples_config(d: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fix(d))
 
 
-def _this_process_only() -> ocp.options.MultiprocessingOptions:
+def _this_process_only():
   """Orbax options for a model directory that one process writes or reads alone (host numpy arrays;
   the primary's best/ and codec/ copies, a token-cache worker's codec). Orbax's default synchronises
   every process of a multi-host job around each save and restore, so one process doing it alone
   would wait for the others, or fail on their next, different, synchronisation."""
+  import orbax.checkpoint as ocp
   me = jax.process_index()
   return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
@@ -98,12 +106,8 @@ def save_model(directory: str, config: ml_collections.ConfigDict, params: dict,
     shutil.rmtree(tmp)
   try:
     write_config(tmp, config)
-    params = jax.tree.map(np.asarray, params)
-    mp = _this_process_only()
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=mp),
-                          multiprocessing_options=mp) as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(params))
-    recorded = [CONFIG_FILE, PARAMS_DIR]
+    write_params(os.path.join(tmp, PARAMS_FILE), params)
+    recorded = [CONFIG_FILE, PARAMS_FILE]
     if tokenizer_file:
       shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER_FILE))
       recorded.append(TOKENIZER_FILE)
@@ -118,6 +122,61 @@ def save_model(directory: str, config: ml_collections.ConfigDict, params: dict,
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_params(path: str, params: dict) -> None:
+  """The parameter tree (nested dicts of arrays, any dtype) as one safetensors file, a tensor per leaf
+  named by its path ("lm/layers/fc1/kernel"); empty dicts are listed in the file's metadata."""
+  from safetensors.numpy import save_file
+  flat, empty = {}, []
+
+  def walk(node, prefix):
+    if hasattr(node, "items"):
+      if not node:
+        empty.append(prefix[:-1])
+      for k, v in node.items():
+        if not isinstance(k, str) or "/" in k or not k:
+          raise ValueError(f"parameter name {prefix}{k!r}: names must be non-empty strings without '/'")
+        walk(v, f"{prefix}{k}/")
+    elif hasattr(node, "shape") and hasattr(node, "dtype"):
+      flat[prefix[:-1]] = np.ascontiguousarray(np.asarray(node))
+    else:
+      raise TypeError(f"parameter {prefix[:-1]!r} is a {type(node).__name__}: only dicts of arrays "
+                      "are stored")
+  walk(params, "")
+  save_file(flat, path, metadata=dict(_FORMAT, empty=json.dumps(empty)))
+
+
+def read_params(path: str, prefix: str = "") -> dict:
+  """The tree `write_params` wrote (numpy arrays, stored dtypes); with `prefix` ("codec/") only the
+  leaves under it. CheckpointError when the file cannot be read as safetensors."""
+  from safetensors import safe_open
+  tree: dict = {}
+
+  def node_at(names):
+    node = tree
+    for p in names:
+      node = node.setdefault(p, {})
+    return node
+  try:
+    with safe_open(path, framework="numpy") as f:
+      for name in json.loads((f.metadata() or {}).get("empty", "[]")):
+        if name.startswith(prefix) and name:
+          node_at(name.split("/"))
+      for name in f.keys():
+        if name.startswith(prefix):
+          *parents, leaf = name.split("/")
+          node_at(parents)[leaf] = f.get_tensor(name)
+  except Exception as e:   # safetensors raises its own error type, OSError and others for bad files
+    raise CheckpointError(f"cannot read the weights in {path}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
+  return tree
+
+
+def _to_devices(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i]), tree)
 
 
 def check_output_dir(directory: str, overwrite: bool) -> None:
@@ -167,49 +226,70 @@ def load_model(directory: str, *, verify: bool = True,
 
   The files are checked against their integrity record first (`verify=False`: sizes only) and the
   weights for NaN / inf / absurd values after; damage raises CheckpointError naming the file. The
-  arrays are restored straight onto `sharding` (default: the first local device) as jax Arrays.
+  arrays are put on `sharding` (default: the first local device) as jax Arrays, float32.
   """
   from musicgen_jax import integrity
   directory = os.path.abspath(directory)
   config = read_config(directory)
-  target = os.path.join(directory, PARAMS_DIR)
-  step = None
-  if not os.path.isdir(target):
-    step = latest_train_step(directory)
-    if step is None:
-      raise CheckpointError(f"{directory} has neither {PARAMS_DIR}/ nor {TRAIN_CHECKPOINTS}/<step>/: "
-                            "nothing to load")
-    record = os.path.join(directory, TRAIN_RECORDS, f"{step}.json")
-    step_dir = os.path.join(directory, TRAIN_CHECKPOINTS, str(step))
-    checked = integrity.verify(step_dir, record=record, required=False, checksums=verify)
-    target = os.path.join(step_dir, "state")
-  else:
-    checked = integrity.verify(directory, required=False, checksums=verify)
-  if not checked:
-    print(f"warning: {directory} has no integrity record (written by an older version?): its files "
-          "cannot be checked for damage", file=sys.stderr)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  on_cpu, checked = all(d.platform == "cpu" for d in sharding.device_set), False
+  if os.path.isfile(os.path.join(directory, PARAMS_FILE)):
+    _verify(integrity, directory, verify=verify)
+    target = os.path.join(directory, PARAMS_FILE)
+    params = read_params(target)
+    if on_cpu:
+      integrity.check_finite(params, target)   # the numpy arrays, before they are copied
+      checked = True
+    params = _to_devices(params, sharding)
+  else:
+    target, step = os.path.join(directory, PARAMS_DIR), None
+    if not os.path.isdir(target):
+      step = latest_train_step(directory)
+      if step is None:
+        raise CheckpointError(f"{directory} has neither {PARAMS_FILE}, {PARAMS_DIR}/ nor "
+                              f"{TRAIN_CHECKPOINTS}/<step>/: nothing to load")
+      step_dir = os.path.join(directory, TRAIN_CHECKPOINTS, str(step))
+      _verify(integrity, step_dir, verify=verify,
+              record=os.path.join(directory, TRAIN_RECORDS, f"{step}.json"), shown=directory)
+      target = os.path.join(step_dir, "state")
+    else:
+      _verify(integrity, directory, verify=verify)
+    params = _restore_orbax(target, sharding, train_state=step is not None)
+    if step is not None and os.path.isdir(os.path.join(directory, CODEC_DIR)):
+      params = dict(params, codec=load_codec(os.path.join(directory, CODEC_DIR))[1])
+  if "lm" not in params:
+    raise CheckpointError(f"the checkpoint at {target} has no 'lm' parameters")
+  if not checked:
+    integrity.check_finite(params, target)   # where they are (an accelerator: one compiled program)
+  return config, cast_floating(params, np.float32)
+
+
+def _verify(integrity, directory: str, *, verify: bool, record: str | None = None,
+            shown: str | None = None) -> None:
+  if not integrity.verify(directory, record=record, required=False, checksums=verify):
+    print(f"warning: {shown or directory} has no integrity record (written by an older version?): its "
+          "files cannot be checked for damage", file=sys.stderr)
+
+
+def _restore_orbax(target: str, sharding: jax.sharding.Sharding, *, train_state: bool) -> dict:
+  """The parameters of an Orbax checkpoint (an older model directory's params/, or a train state's
+  params), restored straight onto `sharding`."""
+  import orbax.checkpoint as ocp
   try:
     with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
       meta = ckptr.metadata(target).item_metadata
       meta = getattr(meta, "tree", meta)
-      if step is not None:     # a train state: only its parameters are read
+      if train_state:     # a train state: only its parameters are read
         meta = {"params": meta["params"]}
       abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                               meta)
       restored = ckptr.restore(target, args=ocp.args.PyTreeRestore(
           abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-          partial_restore=step is not None))
+          partial_restore=train_state))
   except Exception as e:  # orbax raises many types for corrupt or partial checkpoints
     raise CheckpointError(f"cannot read the checkpoint at {target}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
-  params = restored["params"] if step is not None else restored
-  if step is not None and os.path.isdir(os.path.join(directory, CODEC_DIR)):
-    params = dict(params, codec=load_codec(os.path.join(directory, CODEC_DIR))[1])
-  if "lm" not in params:
-    raise CheckpointError(f"the checkpoint at {target} has no 'lm' parameters")
-  integrity.check_finite(params, target)
-  return config, cast_floating(params, np.float32)
+  return restored["params"] if train_state else restored
 
 
 def cast_floating(params: Any, dtype) -> Any:
@@ -243,20 +323,32 @@ def load_codec(directory: str):
   Only the codec's arrays are read (a partial restore), not the LM's. CheckpointError when the
   directory has no codec (`python -m musicgen_jax.convert` writes one with the model).
   """
+  from musicgen_jax import integrity
   from musicgen_jax.pipeline import codec_from_config
   directory = os.path.abspath(directory)
+  params_file = os.path.join(directory, PARAMS_FILE)
   target = os.path.join(directory, PARAMS_DIR)
-  if not os.path.isdir(target) and os.path.isdir(os.path.join(directory, CODEC_DIR)):
+  if (not os.path.isfile(params_file) and not os.path.isdir(target)
+      and os.path.isdir(os.path.join(directory, CODEC_DIR))):
     return load_codec(os.path.join(directory, CODEC_DIR))
   config = read_config(directory)
   codec = codec_from_config(config)
+  if codec is not None and os.path.isfile(params_file):
+    params = read_params(params_file, prefix="codec/").get("codec")
+    if params is None:
+      raise CheckpointError(f"{params_file} holds no codec parameters: point data.codec at a model "
+                            "directory written by `python -m musicgen_jax.convert` or a codec "
+                            "training run")
+    integrity.check_finite({"codec": params}, params_file)
+    return codec, cast_floating(params, np.float32)
   in_state = False
   if not os.path.isdir(target) and (step := latest_train_step(directory)) is not None:
     target, in_state = os.path.join(directory, TRAIN_CHECKPOINTS, str(step), "state"), True
   if codec is None or not os.path.isdir(target):
-    raise CheckpointError(f"{directory} holds no codec (config.codec.encodec or {PARAMS_DIR}/ is "
+    raise CheckpointError(f"{directory} holds no codec (config.codec.encodec or {PARAMS_FILE} is "
                           "missing): point data.codec at a model directory written by "
                           "`python -m musicgen_jax.convert` or a codec training run")
+  import orbax.checkpoint as ocp
   mp = _this_process_only()
   try:
     with _quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
@@ -276,6 +368,5 @@ def load_codec(directory: str):
     raise CheckpointError(f"cannot read the codec of {target}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
   params = restored["params"]["codec"] if in_state else restored["codec"]
-  from musicgen_jax import integrity
   integrity.check_finite({"codec": params}, target)
   return codec, cast_floating(params, np.float32)
