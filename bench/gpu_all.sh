@@ -10,6 +10,10 @@
 #   env            versions, devices; wheels from .gpu_wheels/ (ml_collections, absl-py, soundfile, ...)
 #                  installed if present and the modules are missing (e2e_speed needs them, the rest not)
 #   gpu_tests      the tests that need a GPU (tests/test_lm.py: cuDNN decode attention against `attend`)
+#   b1_long        batch 1 over 1500 steps (30 s): the library's step against cuDNN self-attention,
+#                  which reads only the filled part of the cache (one segment: the whole cache read
+#                  at every step costs 0.31 ms of the 1.29 ms step at 1500 steps)
+#   b1_long_seg4   the same with the step scan in 4 segments
 #   profile_b1     decode_profile, small shape, bf16, batch 1, 300 steps: the decode step's device time by
 #                  kernel (jax.profiler)
 #   variants_b1    attention variants of the decode step timed side by side at batch 1 (XLA's dots,
@@ -108,6 +112,11 @@ flax.__version__, jax.devices())"
 
 piece env 60 -- bash -c "$(declare -f env_check); env_check"
 piece gpu_tests 150 -- python -m pytest -q -n 0 -p no:cacheprovider tests/test_lm.py -k cudnn
+piece b1_long 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch 1 --steps $STEPS --variants base,cudnn-self --agree-steps 0 --json "$OUT/b1_long.json"
+piece b1_long_seg4 90 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch 1 --steps $STEPS --segments 4 --variants base,cudnn-self --agree-steps 0 \
+    --json "$OUT/b1_long_seg4.json"
 piece profile_b1 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
     --batch 1 --steps $SHORT --variants base --profile --agree-steps 0 --json "$OUT/profile_b1.json"
 piece variants_b1 200 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \

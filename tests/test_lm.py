@@ -83,6 +83,7 @@ def test_cached_decoding_matches_full_forward(which, projections, request, monke
   # A new function object per trace: jax caches traces by function, and the module constant below is
   # read while tracing.
   cached_fn = lambda: functools.partial(_cached_logits, lm.model, chunks=(3, 2), cache_room=3)
+  monkeypatch.setattr(lm_decode, "REDUCE_DENSE_BACKENDS", ())
   if projections == "sums":
     # The GPU's form of a few rows' projections (lm_decode.use_reduce_dense), here on this backend:
     # the chunks of 2 and of 1 steps have at most 8 rows, so their layers' matmuls (4 or 6 a layer)
