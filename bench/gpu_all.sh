@@ -143,7 +143,7 @@ piece codec_30s 120 -- python bench/codec_speed.py --seconds $CODEC_S --repeats 
 piece small_b1 110 -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch 1 --steps $STEPS --repeats 3 \
     --hf-repeats 1 --hlo-stats ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/small_b1.json"
 piece train_small 170 -- python bench/train_speed.py "${TRAIN[@]}" --json "$OUT/train_small.json"
-piece small_b64 150 -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch $B64 --steps $STEPS --repeats 2 \
+piece small_b64 240 -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch $B64 --steps $STEPS --repeats 2 \
     --hf-repeats 1 --hlo-stats ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/small_b64.json"
 piece e2e_30s_b1 200 -- python bench/e2e_speed.py "${E2E[@]}" ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/e2e.json"
 piece cmdbuf_while 70 XLA_FLAGS="$WHILE_FLAGS" -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch 1 \
