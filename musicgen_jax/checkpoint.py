@@ -320,8 +320,9 @@ def load_codec(directory: str):
   directory, a codec training run's work directory (its newest complete checkpoint), or a
   fine-tuning work directory (its `codec/`).
 
-  Only the codec's arrays are read (a partial restore), not the LM's. CheckpointError when the
-  directory has no codec (`python -m musicgen_jax.convert` writes one with the model).
+  Only the codec's arrays are read, not the LM's; a model directory's files are checked against its
+  integrity record first. CheckpointError when the directory has no codec or is damaged
+  (`python -m musicgen_jax.convert` writes one with the model).
   """
   from musicgen_jax import integrity
   from musicgen_jax.pipeline import codec_from_config
@@ -334,6 +335,7 @@ def load_codec(directory: str):
   config = read_config(directory)
   codec = codec_from_config(config)
   if codec is not None and os.path.isfile(params_file):
+    _verify(integrity, directory, verify=True)
     params = read_params(params_file, prefix="codec/").get("codec")
     if params is None:
       raise CheckpointError(f"{params_file} holds no codec parameters: point data.codec at a model "

@@ -321,6 +321,13 @@ def test_export_is_a_codec_directory_with_the_training_codes(trained, tmp_path):
   summary = task.summarize_eval(sums)
   np.testing.assert_allclose(summary["loss"], summary["mel_distance"])
   assert summary["loss"] > 0
+  # A damaged codec directory is refused before its weights are used (the token cache reads codecs).
+  weights = os.path.join(d, checkpoint.PARAMS_FILE)
+  with open(weights, "r+b") as f:
+    f.seek(os.path.getsize(weights) - 8)
+    f.write(b"\x7f" * 8)
+  with pytest.raises(checkpoint.CheckpointError, match="checksum differs"):
+    checkpoint.load_codec(d)
 
 
 def test_codec_work_directory_is_a_codec_source(trained, tmp_path):
