@@ -232,15 +232,10 @@ def load_model(directory: str, *, verify: bool = True,
   directory = os.path.abspath(directory)
   config = read_config(directory)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  on_cpu, checked = all(d.platform == "cpu" for d in sharding.device_set), False
   if os.path.isfile(os.path.join(directory, PARAMS_FILE)):
-    _verify(integrity, directory, verify=verify)
+    _verify(directory, verify=verify)
     target = os.path.join(directory, PARAMS_FILE)
-    params = read_params(target)
-    if on_cpu:
-      integrity.check_finite(params, target)   # the numpy arrays, before they are copied
-      checked = True
-    params = _to_devices(params, sharding)
+    params = _to_devices(read_params(target), sharding)
   else:
     target, step = os.path.join(directory, PARAMS_DIR), None
     if not os.path.isdir(target):
@@ -249,23 +244,24 @@ def load_model(directory: str, *, verify: bool = True,
         raise CheckpointError(f"{directory} has neither {PARAMS_FILE}, {PARAMS_DIR}/ nor "
                               f"{TRAIN_CHECKPOINTS}/<step>/: nothing to load")
       step_dir = os.path.join(directory, TRAIN_CHECKPOINTS, str(step))
-      _verify(integrity, step_dir, verify=verify,
+      _verify(step_dir, verify=verify,
               record=os.path.join(directory, TRAIN_RECORDS, f"{step}.json"), shown=directory)
       target = os.path.join(step_dir, "state")
     else:
-      _verify(integrity, directory, verify=verify)
+      _verify(directory, verify=verify)
     params = _restore_orbax(target, sharding, train_state=step is not None)
     if step is not None and os.path.isdir(os.path.join(directory, CODEC_DIR)):
       params = dict(params, codec=load_codec(os.path.join(directory, CODEC_DIR))[1])
   if "lm" not in params:
     raise CheckpointError(f"the checkpoint at {target} has no 'lm' parameters")
-  if not checked:
-    integrity.check_finite(params, target)   # where they are (an accelerator: one compiled program)
+  integrity.check_finite(params, target)
   return config, cast_floating(params, np.float32)
 
 
-def _verify(integrity, directory: str, *, verify: bool, record: str | None = None,
+def _verify(directory: str, *, verify: bool, record: str | None = None,
             shown: str | None = None) -> None:
+  """integrity.verify, with one warning line where the directory has no record."""
+  from musicgen_jax import integrity
   if not integrity.verify(directory, record=record, required=False, checksums=verify):
     print(f"warning: {shown or directory} has no integrity record (written by an older version?): its "
           "files cannot be checked for damage", file=sys.stderr)
@@ -335,7 +331,7 @@ def load_codec(directory: str):
   config = read_config(directory)
   codec = codec_from_config(config)
   if codec is not None and os.path.isfile(params_file):
-    _verify(integrity, directory, verify=True)
+    _verify(directory, verify=True)
     params = read_params(params_file, prefix="codec/").get("codec")
     if params is None:
       raise CheckpointError(f"{params_file} holds no codec parameters: point data.codec at a model "
