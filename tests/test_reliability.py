@@ -231,6 +231,31 @@ def test_extra_or_missing_files_and_old_directories(model_dir, tmp_path, capsys)
   assert "has no integrity record" in warning and warning.count("\n") == 1
 
 
+def test_params_file_round_trip_and_bad_trees(tmp_path):
+  """params.safetensors keeps the tree as written: nesting, empty dicts, dtypes and bytes; a prefix
+  reads one branch; trees it cannot name, and a damaged header, are one clear error."""
+  import ml_dtypes
+  tree = {"lm": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "none": {},
+                 "b": np.array([1.5, -2.0], ml_dtypes.bfloat16)},
+          "codec": {"q": {"embed": np.arange(4, dtype=np.int32)}}, "text": {}}
+  path = str(tmp_path / checkpoint.PARAMS_FILE)
+  checkpoint.write_params(path, tree)
+  back = checkpoint.read_params(path)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
+  assert back["lm"]["none"] == {} and back["text"] == {}
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+    assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+  assert list(checkpoint.read_params(path, prefix="codec/")) == ["codec"]
+  with pytest.raises(TypeError, match="'lm/w' is a list"):
+    checkpoint.write_params(path, {"lm": {"w": [np.zeros(2)]}})
+  with pytest.raises(ValueError, match="without '/'"):
+    checkpoint.write_params(path, {"lm": {"a/b": np.zeros(2)}})
+  with open(path, "r+b") as f:
+    f.write(b"\xff" * 8)
+  with pytest.raises(checkpoint.CheckpointError, match="cannot read the weights in"):
+    checkpoint.read_params(path)
+
+
 def test_model_directory_of_the_orbax_format_still_loads(model_dir, tmp_path):
   """Model directories written before params.safetensors hold their parameters as an Orbax checkpoint
   in params/ (models/demo did until 2026-11-27): they load to the same weights, and their record
