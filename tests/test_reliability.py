@@ -279,7 +279,7 @@ def test_model_directory_of_the_orbax_format_still_loads(model_dir, tmp_path):
 def test_integrity_record_elsewhere_and_damage(tmp_path):
   d = tmp_path / "step"
   (d / "sub").mkdir(parents=True)
-  (d / "sub" / "a.bin").write_bytes(os.urandom(3 << 20))
+  (d / "sub" / "a.bin").write_bytes(np.random.default_rng(0).bytes(3 << 20))
   (d / "b.json").write_text("{}")
   record = str(tmp_path / "records" / "7.json")
   integrity.write_record(str(d), record=record)
@@ -292,9 +292,11 @@ def test_integrity_record_elsewhere_and_damage(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="b.json is missing"):
     integrity.verify(str(d), record=record)
   (d / "b.json").write_text("{}")
-  with open(d / "sub" / "a.bin", "r+b") as f:
+  with open(d / "sub" / "a.bin", "r+b") as f:                 # flip one byte: same size, other content
     f.seek(1 << 20)
-    f.write(b"x")
+    byte = f.read(1)[0]
+    f.seek(1 << 20)
+    f.write(bytes([byte ^ 0xFF]))
   assert integrity.verify(str(d), record=record, checksums=False)        # same size
   with pytest.raises(integrity.IntegrityError, match="a.bin is damaged"):
     integrity.verify(str(d), record=record)
