@@ -76,12 +76,22 @@ def pattern_from_config(config: ml_collections.ConfigDict):
   return patterns.get_pattern(config.pattern.name, config.model.num_codebooks, **opts)
 
 
+# config.text.tokenizer value: fit a word-level vocabulary on the training split's captions
+# (conditioners/tokenizer.fit_word_tokenizer) when training starts.
+WORD_TOKENIZER = "words"
+
+
 def text_conditioner_from_config(config: ml_collections.ConfigDict, directory: str | None = None):
   """The text conditioner of `config.text` ('learned' or 't5'); tokenizer.json read from `directory`."""
   t = config.text
   tok_path = t.get("tokenizer") or None
   if directory and os.path.isfile(os.path.join(directory, checkpoint.TOKENIZER_FILE)):
     tok_path = os.path.join(directory, checkpoint.TOKENIZER_FILE)
+  elif tok_path == WORD_TOKENIZER:
+    raise ValueError(f"config.text.tokenizer={WORD_TOKENIZER!r} is a word vocabulary fitted on the "
+                     "training captions when training starts, kept as tokenizer.json in the work "
+                     f"directory: {directory or 'no directory'} has none (pass the run's work "
+                     "directory or model directory)")
   if t.kind == "learned":
     return LearnedTextConditioner(TextTokenizer.from_file(tok_path), dim=t.dim,
                                   num_layers=t.num_layers, num_heads=t.num_heads,

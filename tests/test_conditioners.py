@@ -72,6 +72,44 @@ def test_json_tokenizer_matches_tokenizers_library(tmp_path):
     TextTokenizer.from_file(tmp_path / "missing.json")
 
 
+def test_word_tokenizer_is_fitted_on_words_and_punctuation(tmp_path):
+  """fit_word_tokenizer: <pad> </s> <unk> first, then one id per word or punctuation mark seen
+  (case kept), </s> after every text (also when truncated), unseen words <unk>."""
+  from musicgen_jax.conditioners.tokenizer import EOS_ID, PAD_ID, UNK_ID, fit_word_tokenizer
+  texts = ["a Bach chorale in A major, 72 bpm", "an air in F-sharp minor on flute, 6/8", "  "]
+  tok = fit_word_tokenizer(texts, tmp_path / "sub" / "tokenizer.json")
+  words = ["a", "Bach", "chorale", "in", "A", "major", ",", "72", "bpm", "an", "air", "F", "-",
+           "sharp", "minor", "on", "flute", "6", "/", "8"]
+  assert tok.vocab_size == 3 + len(words) and tok.pad_id == PAD_ID
+  assert TextTokenizer.from_file(tmp_path / "sub" / "tokenizer.json").vocab_size == tok.vocab_size
+  out = tok(["a flute in A major", "an oboe, 6/8", "F-sharp minor"], max_length=7)
+  ids, mask = out["input_ids"], out["attention_mask"]
+  assert len(set(ids[0, :5])) == 5 and ids[0, 0] != ids[0, 3] and ids[0, 5] == EOS_ID
+  assert mask[0].tolist() == [1] * 6 + [0] and ids[0, 6] == PAD_ID
+  assert ids[1, 1] == UNK_ID and ids[1, 2] != UNK_ID and ids[1, 6] == EOS_ID   # 6 words + </s>
+  assert UNK_ID not in ids[2] and ids[2, 4] == EOS_ID
+  cut = tok(["a Bach chorale in A major, 72 bpm"], max_length=4)["input_ids"][0]
+  assert cut[-1] == EOS_ID and UNK_ID not in cut
+  with pytest.raises(ValueError, match="no texts"):
+    fit_word_tokenizer(["", " "], tmp_path / "empty.json")
+
+
+def test_text_encoder_without_layers_is_the_normalised_embedding(tmp_path):
+  """num_layers=0: word embedding + positions through the final LayerNorm, nothing else."""
+  cond = LearnedTextConditioner(TextTokenizer.from_file(None), dim=D, num_layers=0, num_heads=H,
+                                max_length=8)
+  params = nn.unbox(cond.init(jax.random.key(1)))
+  assert set(params) == {"token_embedding", "final_norm"}
+  batch = cond.tokenize(["ab", "xyz"])
+  hidden, mask = cond.encode(params, batch)
+  x = (np.asarray(params["token_embedding"]["embedding"])[batch["input_ids"]]
+       + _sinusoid_np(8, D)[None])
+  ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(hidden, ref * np.asarray(mask)[..., None], atol=1e-4)
+  with pytest.raises(ValueError, match="num_layers must be >= 0"):
+    LearnedTextConditioner(TextTokenizer.from_file(None), dim=D, num_layers=-1, num_heads=H)
+
+
 # ---------------------------------------------------------------------------------------------
 # Learned text encoder
 

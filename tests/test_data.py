@@ -5,6 +5,7 @@ import glob
 import json
 import logging
 import os
+import re
 import threading
 
 import grain
@@ -19,7 +20,7 @@ import soundfile as sf
 import tensorflow_datasets as tfds
 
 from configs.musicgen import get_config
-from musicgen_jax import checkpoint, pipeline
+from musicgen_jax import checkpoint, pipeline, sharding
 from musicgen_jax.codec.encodec import EncodecConfig, EncodecModel
 from musicgen_jax.conditioners import melody as melody_lib
 from musicgen_jax.data import loader, manifest, synthetic, token_cache
@@ -471,3 +472,44 @@ def test_worker_processes_give_the_same_batches_and_restore():
   for a, b in zip(got, ref[:6] + ref[4:6], strict=True):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_word_vocabulary_is_fitted_on_the_training_captions_once(env, tmp_path):
+  """text.tokenizer='words': the run fits a word-level tokenizer.json on its training split's
+  captions, sizes the text encoder by it, keeps it in the work and model directories, and a resumed
+  run reuses it; nothing can build the text encoder before the vocabulary exists."""
+  from musicgen_jax.conditioners.tokenizer import UNK_ID, TextTokenizer
+  from musicgen_jax.pipeline import MusicGen
+  from musicgen_jax.training import loop
+  from musicgen_jax.training.lm_task import LMTask
+  c = ml_collections.ConfigDict(env["config"].to_dict())
+  c.text.update(tokenizer="words", num_layers=0)
+  c.train.update(num_steps=1, eval_every=0, checkpoint_every=1, progress=False,
+                 async_checkpoints=False)
+  with pytest.raises(ValueError, match="fitted on the training captions"):
+    pipeline.text_conditioner_from_config(c)
+  with pytest.raises(ValueError, match="known only after prepare_data"):
+    LMTask(c, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])).init_params(jax.random.key(0))
+  wd = str(tmp_path / "run")
+  loop.train(c, wd, out=lambda _: None)
+  path = os.path.join(wd, checkpoint.TOKENIZER_FILE)
+  tok = TextTokenizer.from_file(path)
+  cache = loader.prepare_data(c, wd)["cache"]
+  train_captions = [it["caption"].decode() for it in _items(cache, "train")]
+  valid_captions = [it["caption"].decode() for it in _items(cache, "validation")]
+  split = lambda t: re.findall(r"[^\W_]+|[^\w\s]|_", t)     # white space, then punctuation
+  words = {w for t in train_captions for w in split(t)}
+  assert tok.vocab_size == len(words) + 3                        # <pad>, </s>, <unk> and the words
+  ids = tok(train_captions)
+  assert not (ids["input_ids"] == UNK_ID).any()
+  assert (ids["input_ids"][np.arange(len(ids["input_ids"])), ids["attention_mask"].sum(1) - 1] == 1).all()
+  held_out = {w for t in valid_captions for w in split(t)} - words
+  assert held_out and (tok(valid_captions)["input_ids"] == UNK_ID).any()
+  model = MusicGen.load(wd)
+  assert model.text.vocab_size == tok.vocab_size
+  assert model.params["text"]["token_embedding"]["embedding"].shape == (128, c.text.dim)
+  before = open(path, "rb").read()
+  os.utime(path, (0, 0))
+  c.train.num_steps = 2
+  loop.train(c, wd, out=lambda _: None)                         # resumes: the same vocabulary
+  assert open(path, "rb").read() == before and os.path.getmtime(path) == 0

@@ -11,6 +11,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -408,6 +409,45 @@ def test_token_ce_equals_the_training_loss_and_sees_only_earlier_frames(manifest
   assert not np.allclose(model.token_ce(changed, texts, chroma), got, rtol=1e-3)
   changed[..., reach - 1] = (changed[..., reach - 1] + 1) % cfg.card
   assert not np.allclose(model.token_ce(changed, texts, chroma, frames=10), first, rtol=1e-6)
+
+
+def test_condition_gain_is_the_ce_saved_over_the_samplers_unconditional(manifest_run):
+  """The held-out evaluation's CE under the null condition equals the sampler's unconditional CE
+  (token_ce with '' and no melody); the gain is exactly 0 when the condition projections are zero
+  (the LM cannot see its conditions) and not otherwise."""
+  from flax import linen as nn
+  from musicgen_jax import sharding as shd
+  from musicgen_jax.pipeline import MusicGen
+  from musicgen_jax.training.lm_task import LMTask
+  wd, c = manifest_run["workdir"], manifest_run["config"]
+  trained = MusicGen.load(wd)
+  params = jax.tree.map(lambda x: 3 * x, trained.params)     # as above: conditions worth ~5e-4
+  model = MusicGen(trained.config, params, trained.text, trained.codec)
+  cfg = model.lm_cfg
+  assert cfg.melody and cfg.text_dim
+  rng = np.random.default_rng(1)
+  codes = rng.integers(0, cfg.card, (2, cfg.num_codebooks, 24)).astype(np.int32)
+  chroma = np.eye(12, dtype=np.float32)[rng.integers(0, 12, (2, cfg.chroma_length))]
+  texts = ["a jig in D major on fiddle", "a slow air in A minor, 60 bpm"]
+  mesh = shd.make_mesh((1, 1, 1), c.mesh.axes, devices=jax.devices()[:1])
+  task = LMTask(c, mesh, wd)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.rules_from_config(c.logical_axis_rules)):
+    fn = jax.jit(task.eval_sums)
+    summary = lambda p, i: task.summarize_eval(jax.device_get(fn(
+        {"lm": p["lm"], "text": p["text"]}, _captioned_batch(task, codes[i:i + 1], texts[i:i + 1],
+                                                             chroma[i:i + 1]))))
+    for i in range(2):
+      got = summary(params, i)
+      assert got["loss"] == pytest.approx(model.token_ce(codes[i:i + 1], texts[i:i + 1],
+                                                         chroma[i:i + 1])[0], rel=1e-5)
+      assert got["loss_unconditioned"] == pytest.approx(model.token_ce(codes[i:i + 1], [""])[0],
+                                                        rel=1e-5)
+      assert got["condition_gain"] == got["loss_unconditioned"] - got["loss"]
+      assert abs(got["condition_gain"]) > 1e-4
+    blind = jax.tree.map(lambda x: x, params)
+    for name in ("enc_to_dec_proj", "audio_enc_to_dec_proj"):
+      blind["lm"][name] = jax.tree.map(jnp.zeros_like, blind["lm"][name])
+    assert summary(blind, 0)["condition_gain"] == 0.0
 
 
 def test_altered_captions_change_one_attribute_each():

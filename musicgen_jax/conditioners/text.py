@@ -168,9 +168,12 @@ class LearnedTextConditioner:
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    for name in ("dim", "num_layers", "num_heads", "max_length"):
+    for name in ("dim", "num_heads", "max_length"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"LearnedTextConditioner.{name} must be >= 1, got {getattr(self, name)}")
+    if int(self.num_layers) < 0:
+      raise ValueError(f"LearnedTextConditioner.num_layers must be >= 0 (0: word embeddings and "
+                       f"positions only), got {self.num_layers}")
     if self.dim % self.num_heads or self.dim % 2:
       raise ValueError(f"text encoder dim={self.dim} must be even and divisible by "
                        f"num_heads={self.num_heads}")

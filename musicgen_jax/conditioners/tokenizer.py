@@ -109,3 +109,35 @@ class TextTokenizer:
       ids_bl[i, :len(ids)] = ids
       mask_bl[i, :len(ids)] = 1
     return {"input_ids": ids_bl, "attention_mask": mask_bl}
+
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")   # ids 0, 1, 2: the byte-level fallback's (T5's) layout
+
+
+def fit_word_tokenizer(texts: Sequence[str], path: Union[str, os.PathLike],
+                       min_count: int = 1) -> TextTokenizer:
+  """Fits a word-level tokenizer.json on `texts` (a training split's captions) and writes it to `path`.
+
+  Words are split at white space and punctuation ('F-sharp' -> 'F', '-', 'sharp'; '6/8' -> '6',
+  '/', '8'), case kept ('A major' is not 'a'); words seen fewer than `min_count` times, and any
+  word at sampling time that the captions never held, become <unk>; every sequence ends with </s>.
+  A small model learning its text encoder from a few thousand captions reads whole words far
+  more easily than bytes (models/demo/TRAINING.md). -> the tokenizer, as from_file(path) loads it.
+  """
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+  texts = [t for t in texts if isinstance(t, str) and t.strip()]
+  if not texts:
+    raise ValueError("cannot fit a word tokenizer on no texts: the split holds no captions")
+  tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+  tok.normalizer = normalizers.NFKC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                               pre_tokenizers.Punctuation()])
+  tok.train_from_iterator(texts, trainers.WordLevelTrainer(
+      special_tokens=list(SPECIAL_TOKENS), min_frequency=int(min_count), show_progress=False))
+  tok.post_processor = processors.TemplateProcessing(
+      single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+  assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD_ID, EOS_ID, UNK_ID]
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tok.save(path)
+  return TextTokenizer.from_file(path)

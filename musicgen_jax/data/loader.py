@@ -74,7 +74,7 @@ def _pointer(config, workdir: str) -> str:
   return os.path.join(_cache_root(config, workdir), CACHE_POINTER.format(key=key))
 
 
-def _wait(read: Callable[[], Any], what: str, timeout: float = WAIT_SECONDS) -> Any:
+def wait_for(read: Callable[[], Any], what: str, timeout: float = WAIT_SECONDS) -> Any:
   """Polls `read` until it returns something (another process is writing `what`)."""
   t0 = last = time.monotonic()
   while (value := read()) is None:
@@ -118,7 +118,7 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
   os.makedirs(root, exist_ok=True)
   primary = process_index == 0
   audio_root = AUDIO_SOURCES[kind](config, root, spec.sample_rate, spec.channels, build=primary)
-  audio_counts = _wait(lambda: manifest_lib.read_counts(audio_root), f"{audio_root}/counts.json")
+  audio_counts = wait_for(lambda: manifest_lib.read_counts(audio_root), f"{audio_root}/counts.json")
   audio_dir = manifest_lib.dataset_dir(audio_root, audio_counts)
   cache = token_cache.cache_dir_for(root, os.path.basename(audio_root), spec,
                                     token_cache.codec_identity(codec, params))
@@ -129,22 +129,22 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
       plan = token_cache.make_plan(cache, audio_dir, spec,
                                    int(config.data.get("items_per_shard") or 64))
     else:
-      plan = _wait(lambda: manifest_lib.read_json(os.path.join(cache, token_cache.PLAN_FILE)),
+      plan = wait_for(lambda: manifest_lib.read_json(os.path.join(cache, token_cache.PLAN_FILE)),
                    f"{cache}/plan.json")
     token_cache.build_shards(cache, plan, codec, params, spec,
                              batch_size=int(config.data.encode_batch_size),
                              process_index=process_index, process_count=process_count)
     if primary:
-      _wait(lambda: None if token_cache.missing_shards(cache, plan) else True,
+      wait_for(lambda: None if token_cache.missing_shards(cache, plan) else True,
             f"the other processes' token-cache shards in {cache}")
       counts = token_cache.finalize(cache, plan, spec, audio_counts)
     else:
-      counts = _wait(lambda: token_cache.read_counts(cache), f"{cache}/counts.json")
+      counts = wait_for(lambda: token_cache.read_counts(cache), f"{cache}/counts.json")
   pointer = _pointer(config, workdir)
   if primary:
     manifest_lib.write_json(pointer, {"cache": cache})
   else:   # an older run's pointer may still be there: wait for this one's
-    _wait(lambda: True if (manifest_lib.read_json(pointer) or {}).get("cache") == cache else None,
+    wait_for(lambda: True if (manifest_lib.read_json(pointer) or {}).get("cache") == cache else None,
           f"{pointer} naming {cache}")
   return {"kind": kind, **counts["windows"], "frames": counts["frames"],
           "skipped": audio_counts.get("skipped", {}), "cache": cache}

@@ -113,19 +113,24 @@ def validation_ce(model, config: ml_collections.ConfigDict, model_dir: str, data
   task = LMTask(config, mesh, model_dir)
   params = {"lm": model.params["lm"], "text": model.params["text"]}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = jax.jit(lambda p, b: task.token_losses(p, b, jax.random.key(0), train=False))
-    ce_sum, count = 0.0, 0.0
+    fn = jax.jit(task.eval_sums)
+    sums = None
     it = loader.make_iterator(config, "validation", task.text, workdir=data_dir, shuffle=False,
                               num_epochs=1)
     for batch in it:
-      s, n = fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
-      ce_sum, count = ce_sum + np.asarray(s, np.float64), count + np.asarray(n, np.float64)
-  ce_k = np.asarray(ce_sum) / np.maximum(np.asarray(count), 1.0)
-  out = {"loss": float(ce_k.mean()), "ce_per_codebook": ce_k.tolist(),
-         "perplexity": np.exp(ce_k).tolist(), "tokens": int(np.sum(count)),
-         "seconds": round(time.time() - t0, 1)}
+      part = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                          fn(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+      sums = part if sums is None else jax.tree.map(np.add, sums, part)
+  if sums is None:
+    raise ValueError(f"the validation split under {data_dir} holds no examples")
+  out = task.summarize_eval(sums)
+  out.update(tokens=int(out["tokens"]), seconds=round(time.time() - t0, 1))
+  gain = ""
+  if "condition_gain" in out:
+    gain = (f"; under the null condition {out['loss_unconditioned']:.4f} (the conditions save "
+            f"{out['condition_gain']:.4f} nats per token)")
   log(f"eval: validation CE {out['loss']:.4f} per codebook "
-      f"{[round(x, 3) for x in out['ce_per_codebook']]} over {out['tokens']} tokens")
+      f"{[round(x, 3) for x in out['ce_per_codebook']]} over {out['tokens']} tokens{gain}")
   return out
 
 

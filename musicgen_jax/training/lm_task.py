@@ -24,9 +24,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from musicgen_jax import checkpoint, lm as lm_lib, sharding as shd
+from musicgen_jax import checkpoint, lm as lm_lib, sampling, sharding as shd
 from musicgen_jax.conditioners.dropout import drop_condition
-from musicgen_jax.pipeline import pattern_from_config, text_conditioner_from_config
+from musicgen_jax.pipeline import WORD_TOKENIZER, pattern_from_config, text_conditioner_from_config
 from musicgen_jax.training import optim
 
 
@@ -63,10 +63,13 @@ class LMTask:
     self.model = lm_lib.MusicGenLM(self.lm_cfg, deterministic=False)
     self.eval_model = lm_lib.MusicGenLM(self.lm_cfg, deterministic=True)
     self.pattern = pattern_from_config(config)
-    self.text = text_conditioner_from_config(config, directory)
     self.tokenizer_file = config.text.get("tokenizer") or None
     if directory and os.path.isfile(os.path.join(directory, checkpoint.TOKENIZER_FILE)):
       self.tokenizer_file = os.path.join(directory, checkpoint.TOKENIZER_FILE)
+    # A word vocabulary still to be fitted (text.tokenizer='words'): prepare_data fits it on the
+    # training captions and builds the text conditioner then.
+    self.text = (None if self.tokenizer_file == WORD_TOKENIZER
+                 else text_conditioner_from_config(config, directory))
     self.train_text = config.text.kind == "learned"
     frozen = () if self.train_text else ("text",)
     self.trainable = optim.trainable_fn(frozen, tuple(config.train.freeze))
@@ -76,6 +79,9 @@ class LMTask:
   # --- state ------------------------------------------------------------------------------------
   def init_params(self, rng: jax.Array) -> Any:
     """Random parameters {'lm', 'text'}, boxed with their logical axis names."""
+    if self.text is None:
+      raise ValueError(f"text.tokenizer={WORD_TOKENIZER!r}: the vocabulary, and so the text "
+                       "encoder's shape, is known only after prepare_data has fitted it")
     k_lm, k_text = jax.random.split(rng)
     return {"lm": lm_lib.init_params(self.lm_cfg, k_lm)["params"], "text": self.text.init(k_text)}
 
@@ -116,8 +122,29 @@ class LMTask:
   def prepare_data(self, workdir: str) -> dict:
     """Builds or reuses the data caches (audio, tokens) this run reads; returns counts to print."""
     from musicgen_jax.data import loader
-    return loader.prepare_data(self.config, workdir, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+    counts = loader.prepare_data(self.config, workdir, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    if self.text is None:
+      self._fit_words(workdir, counts)
+    return counts
+
+  def _fit_words(self, workdir: str, counts: dict) -> None:
+    """Fits the word vocabulary on the training split's captions into <workdir>/tokenizer.json
+    (process 0; the others wait for it) and builds the text conditioner on it."""
+    from musicgen_jax.conditioners.tokenizer import fit_word_tokenizer
+    from musicgen_jax.data import loader
+    path = os.path.join(workdir, checkpoint.TOKENIZER_FILE)
+    if "cache" not in counts:
+      raise ValueError(f"text.tokenizer={WORD_TOKENIZER!r} fits a vocabulary on the training "
+                       f"captions of audio data; data.kind={self.config.data.kind!r} has none")
+    if jax.process_index() == 0:
+      source = loader.TokenSource(counts["cache"], "train")
+      fit_word_tokenizer([source[i]["caption"] for i in range(len(source))], path + ".tmp")
+      os.replace(path + ".tmp", path)
+    else:
+      loader.wait_for(lambda: True if os.path.isfile(path) else None, path)
+    self.tokenizer_file = path
+    self.text = text_conditioner_from_config(self.config, workdir)
 
   def make_iterator(self, split: str, workdir: str, *, shuffle: bool = True,
                     num_epochs: int | None = None):
@@ -144,10 +171,19 @@ class LMTask:
         melody = jnp.where(drop_b[:, None, None], null, melody)
     return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody)
 
-  def token_losses(self, params, batch, rng, train: bool):
-    """-> (ce_sum [K], count [K]): summed cross-entropy and the number of valid tokens per codebook."""
+  @property
+  def conditioned(self) -> bool:
+    """Whether the LM takes any condition (text or melody) that the null condition can replace."""
+    return bool(self.lm_cfg.text_dim or self.lm_cfg.melody)
+
+  def token_losses(self, params, batch, rng, train: bool, null: bool = False):
+    """-> (ce_sum [K], count [K]): summed cross-entropy and the number of valid tokens per codebook.
+    `null`: every example gets the null condition of sampling (sampling.null_conditions), the
+    unconditional prediction that classifier-free guidance contrasts against."""
     k_cond, k_model = jax.random.split(rng)
     conds = self._conditions(params, batch, k_cond, train)
+    if null:
+      conds = sampling.null_conditions(conds)
     codes = batch["codes"]
     steps = self.pattern.build(codes, self.lm_cfg.special_token)
     model = self.model if train else self.eval_model
@@ -186,16 +222,32 @@ class LMTask:
                          rng=jax.random.key_data(key)), metrics
 
   def eval_step(self, state: TrainState, batch: dict) -> dict:
-    """Sums over one held-out batch (the loop adds them up): CE and token counts per codebook."""
+    """Sums over one held-out batch (the loop adds them up): CE and token counts per codebook, and
+    for conditioned models the CE of the same tokens under the null condition."""
     params = state.ema if state.ema is not None else state.params
+    return self.eval_sums(params, batch)
+
+  def eval_sums(self, params, batch: dict) -> dict:
     ce_sum_k, count_k = self.token_losses(params, batch, jax.random.key(0), train=False)
-    return {"ce_sum": ce_sum_k, "count": count_k}
+    sums = {"ce_sum": ce_sum_k, "count": count_k}
+    if self.conditioned:
+      sums["ce_sum_null"] = self.token_losses(params, batch, jax.random.key(0), train=False,
+                                              null=True)[0]
+    return sums
 
   @staticmethod
   def summarize_eval(sums: dict) -> dict[str, Any]:
-    ce_k = np.asarray(sums["ce_sum"]) / np.maximum(np.asarray(sums["count"]), 1.0)
-    return {"loss": float(ce_k.mean()), "ce_per_codebook": ce_k.tolist(),
-            "perplexity": np.exp(ce_k).tolist(), "tokens": float(np.sum(sums["count"]))}
+    """Mean CE ('loss'), per codebook and as perplexity; for conditioned models also
+    'loss_unconditioned' (the CE under the null condition) and 'condition_gain', the nats per token
+    that the conditions save (how much the LM uses its text and melody: 0 when it ignores them)."""
+    count_k = np.maximum(np.asarray(sums["count"]), 1.0)
+    ce_k = np.asarray(sums["ce_sum"]) / count_k
+    out = {"loss": float(ce_k.mean()), "ce_per_codebook": ce_k.tolist(),
+           "perplexity": np.exp(ce_k).tolist(), "tokens": float(np.sum(sums["count"]))}
+    if "ce_sum_null" in sums:
+      null = float((np.asarray(sums["ce_sum_null"]) / count_k).mean())
+      out.update(loss_unconditioned=null, condition_gain=null - out["loss"])
+    return out
 
   def write_model_files(self, workdir: str) -> None:
     """What sample.py needs in the work directory besides the params: the tokenizer and, when the run
