@@ -154,6 +154,33 @@ def test_discriminator_shapes_and_hinge_and_feature_losses():
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize("kernel,stride,dilation,hw", [
+    ((3, 9), (1, 2), (1, 1), (11, 33)), ((3, 9), (1, 2), (2, 1), (11, 34)),
+    ((3, 9), (1, 2), (4, 1), (13, 35)), ((3, 9), (2, 1), (1, 2), (12, 17)),
+    ((3, 8), (1, 3), (1, 1), (9, 31)), ((3, 3), (1, 1), (1, 1), (5, 6)),
+    ((5, 4), (1, 1), (3, 1), (10, 12)), ((3, 9), (1, 2), (1, 2), (9, 31))])
+def test_discriminator_conv_equals_the_strided_dilated_conv(kernel, stride, dilation, hw):
+  """conv2d (phases in the batch, strides in the channels, one plain convolution) against
+  lax.conv_general_dilated with the stride and dilation, values and both gradients; the rewritten
+  cases really lose their stride and dilation (the last case, both on one axis, keeps them)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2,) + hw + (3,)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=kernel + (3, 4)), jnp.float32)
+  direct = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, stride, disc_lib._padding(kernel, dilation), rhs_dilation=dilation,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours = lambda x, k: disc_lib.conv2d(x, k, stride, dilation)
+  np.testing.assert_allclose(ours(x, k), direct(x, k), atol=2e-5)
+  grads = [jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, k)
+           for f in (ours, direct)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+  convs = [e for e in jax.make_jaxpr(ours)(x, k).eqns if e.primitive.name == "conv_general_dilated"]
+  assert len(convs) == 1
+  plain = all(v == 1 for v in convs[0].params["window_strides"] + convs[0].params["rhs_dilation"])
+  assert plain == (not any(s > 1 and d > 1 for s, d in zip(stride, dilation)))
+
+
 def test_balancer_gives_each_loss_its_weight_share():
   """Two losses whose gradients w.r.t. y differ 10x in norm get equal shares of the output gradient
   (equal weights); the moving average follows flashy's bias-corrected EMA."""

@@ -79,6 +79,74 @@ def _padding(kernel: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, 
   return [(((k - 1) * d) // 2,) * 2 for k, d in zip(kernel, dilation)]
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: Sequence[int] = (1, 1),
+           dilation: Sequence[int] = (1, 1)) -> jax.Array:
+  """`lax.conv_general_dilated` of x [B, H, W, C_in] with kernel [kh, kw, C_in, C_out], padded by
+  `_padding`, computed as one convolution without stride or dilation, which XLA's CPU backend runs
+  several times faster (with its gradients) than a strided or dilated one:
+
+  - an axis dilated by d (odd kernel, stride 1) is split into its d phases, moved into the batch:
+    taps d apart in the signal are neighbours within a phase;
+  - an axis strided by s (dilation 1) is folded s samples at a time into the channels (space to
+    depth) and the kernel's taps zero-padded to a multiple of s and folded alike: output j reads
+    input j * s + t, i.e. group j + t // s, channel slot t % s.
+
+  The same sums of the same products as the direct convolution (equal to fp32 rounding, tested).
+  An axis both strided and dilated, or dilated with an even kernel, takes the direct convolution.
+  """
+  stride, dilation = tuple(int(v) for v in stride), tuple(int(v) for v in dilation)
+  kernel_hw = kernel.shape[:2]
+  if any(d > 1 and (s > 1 or k % 2 == 0) for k, s, d in zip(kernel_hw, stride, dilation)):
+    return jax.lax.conv_general_dilated(x, kernel, stride, _padding(kernel_hw, dilation),
+                                        rhs_dilation=dilation, dimension_numbers=_NHWC)
+  batch = x.shape[0]
+  phases = []                                      # (axis, d, length) of each phase split
+  padding = []
+  for i, (k, s, d) in enumerate(zip(kernel_hw, stride, dilation)):
+    axis = i + 1
+    if d > 1:
+      n = x.shape[axis]
+      m = -(-n // d)
+      widths = [(0, 0)] * 4
+      widths[axis] = (0, m * d - n)
+      x = jnp.pad(x, widths)
+      shape = x.shape[:axis] + (m, d) + x.shape[axis + 1:]
+      x = jnp.moveaxis(x.reshape(shape), axis + 1, 0)         # [d, B', ..., m, ...]
+      x = x.reshape((-1,) + x.shape[2:])
+      phases.append((axis, d, n))
+    if s > 1:
+      n, pad = x.shape[axis], (k - 1) // 2
+      out = (n + 2 * pad - k) // s + 1
+      taps = -(-k // s)
+      total = (out - 1 + taps) * s
+      widths = [(0, 0)] * 4
+      widths[axis] = (pad, max(0, total - n - pad))
+      x = jax.lax.slice_in_dim(jnp.pad(x, widths), 0, total, axis=axis)
+      x = x.reshape(x.shape[:axis] + (total // s, s) + x.shape[axis + 1:])
+      x = jnp.moveaxis(x, axis + 1, -2).reshape(x.shape[:axis] + (total // s,)
+                                                + x.shape[axis + 2:-1] + (s * x.shape[-1],))
+      kw = [(0, 0)] * 4
+      kw[i] = (0, taps * s - k)
+      kernel = jnp.pad(kernel, kw)
+      kernel = kernel.reshape(kernel.shape[:i] + (taps, s) + kernel.shape[i + 1:])
+      kernel = jnp.moveaxis(kernel, i + 1, 2)                  # [.., taps, .., s, C_in, C_out]
+      kernel = kernel.reshape(kernel.shape[:2] + (s * kernel.shape[3],) + kernel.shape[4:])
+      padding.append((0, 0))
+    else:
+      padding.append(((k - 1) // 2,) * 2)
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+  for axis, d, n in reversed(phases):
+    y = y.reshape((d, -1) + y.shape[1:])
+    y = jnp.moveaxis(y, 0, axis + 1)
+    y = y.reshape(y.shape[:axis] + (y.shape[axis] * d,) + y.shape[axis + 2:])
+    y = jax.lax.slice_in_dim(y, 0, n, axis=axis)
+  assert y.shape[0] == batch
+  return y
+
+
 class Conv2d(nn.Module):
   """2-D convolution over [B, H, W, C_in] with 'same'-style padding, optionally weight-normalised
   (params kernel_g [1, 1, 1, C_out] and kernel_v [kh, kw, C_in, C_out], see codec/weight_norm)."""
@@ -101,10 +169,7 @@ class Conv2d(nn.Module):
     # The backend's default precision (TF32 on recent GPUs, as torch's cuDNN default that audiocraft
     # trains with; bf16 passes on TPU): these convs are most of a codec step's FLOPs, and a critic
     # needs no exact fp32 products.
-    y = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=self.stride, padding=_padding(self.kernel, self.dilation),
-        rhs_dilation=self.dilation, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y + bias
+    return conv2d(x, kernel, self.stride, self.dilation) + bias
 
 
 class STFTDiscriminator(nn.Module):
