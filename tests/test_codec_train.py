@@ -11,6 +11,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import librosa
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from configs.codec import get_config
 from musicgen_jax import checkpoint, quantization, sharding as shd
 from musicgen_jax.codec import balancer, discriminator as disc_lib, losses, weight_norm
 from musicgen_jax.data import audio_crops
+from musicgen_jax.training import codec_task
 from musicgen_jax.training.codec_task import CodecTask
 
 torch = pytest.importorskip("torch")
@@ -101,6 +103,23 @@ def test_si_snr_and_l1_match_numpy():
                              np.abs(y - x).mean(axis=(1, 2)), rtol=1e-5)
   with pytest.raises(ValueError, match="both be"):
     losses.si_snr(jnp.zeros((1, 1, 4)), jnp.zeros((1, 1, 5)))
+
+
+def test_spectral_flatness_matches_librosa():
+  """Per example: librosa's flatness of each channel (uncentred frames), averaged; a tone is far
+  below noise."""
+  rng = np.random.default_rng(2)
+  t = np.arange(9000) / 8000
+  x = np.stack([np.stack([np.sin(2 * np.pi * 440 * t), rng.normal(size=t.size)]),
+                np.stack([0.3 * rng.normal(size=t.size), np.sin(2 * np.pi * 97 * t) ** 3])])
+  x = x.astype(np.float32)                                            # [2, 2, 9000]
+  ours = np.asarray(losses.spectral_flatness(jnp.asarray(x), n_fft=1024, hop=256))
+  ref = [np.mean([librosa.feature.spectral_flatness(y=c, n_fft=1024, hop_length=256,
+                                                    center=False).mean() for c in b]) for b in x]
+  np.testing.assert_allclose(ours, ref, rtol=2e-3)
+  tone, noise = (np.asarray(losses.spectral_flatness(jnp.asarray(x[:1, i:i + 1]), 1024, 256))
+                 for i in (0, 1))
+  assert tone < 0.01 < 0.3 < noise
 
 
 # --- weight norm, discriminator, balancer --------------------------------------------------------
@@ -345,7 +364,13 @@ def test_export_is_a_codec_directory_with_the_training_codes(trained, tmp_path):
   sisnr = np.asarray(losses.si_snr(jnp.asarray(y), x))
   np.testing.assert_allclose(sums["sisnr_sum"], sisnr[:3].sum(), rtol=1e-4, atol=1e-4)
   assert float(sums["count"]) == 3.0
+  n_fft = codec_task.flatness_fft(x.shape[-1])
+  assert n_fft == 1024 == x.shape[-1] and codec_task.flatness_fft(32000) == 2048
+  flat = lambda a: np.mean([librosa.feature.spectral_flatness(
+      y=c, n_fft=n_fft, hop_length=n_fft // 4, center=False).mean() for c in np.asarray(a)[:3, 0]])
   summary = task.summarize_eval(sums)
+  np.testing.assert_allclose(summary["flatness"], flat(y), rtol=2e-3)
+  np.testing.assert_allclose(summary["flatness_real"], flat(x), rtol=2e-3)
   np.testing.assert_allclose(summary["loss"], summary["mel_distance"])
   assert summary["loss"] > 0
   # A damaged codec directory is refused before its weights are used (the token cache reads codecs).

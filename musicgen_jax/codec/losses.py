@@ -187,3 +187,15 @@ def si_snr(est_bcn: jax.Array, ref_bcn: jax.Array) -> jax.Array:
   noise = est - proj
   ratio = (jnp.log10(eps + jnp.sum(proj**2, axis=-1)) - jnp.log10(eps + jnp.sum(noise**2, axis=-1)))
   return jnp.mean(10.0 * ratio, axis=-1)
+
+
+def spectral_flatness(x_bcn: jax.Array, n_fft: int = 2048, hop: int = 512,
+                      amin: float = 1e-10) -> jax.Array:
+  """librosa's spectral flatness (power spectrum, uncentred frames) averaged over channels and
+  frames -> [B]: the geometric over the arithmetic mean of each frame's power bins, near 0 for
+  tones and 1 for white noise. A reconstruction-only codec's noise floor shows as a flatness many
+  times the real audio's (models/demo/TRAINING.md); the adversarial losses bring it down."""
+  power = jnp.maximum(jnp.abs(stft(x_bcn, n_fft, hop))**2, amin)     # [B, C, frames, bins]
+  flat = jnp.exp(jnp.mean(jnp.log(power), axis=-1)) / jnp.mean(power, axis=-1)
+  return jnp.mean(flat, axis=(1, 2))
+

@@ -66,6 +66,12 @@ def _optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip > 0 else opt
 
 
+def flatness_fft(samples: int) -> int:
+  """The FFT size of the evaluation's spectral flatness: 2048 (hop 512), or the largest power of two
+  that fits in shorter held-out segments."""
+  return min(2048, 1 << (max(int(samples), 2).bit_length() - 1))
+
+
 class CodecTask:
   """The static pieces of one codec run (model, discriminator, losses, optimizers) and its steps."""
 
@@ -315,14 +321,18 @@ class CodecTask:
 
   def eval_step(self, state: CodecTrainState, batch: dict) -> dict:
     """Sums over one held-out batch of the exported codec's round trip (encode -> decode, all
-    codebooks): multi-scale mel distance, SI-SNR (dB), L1, weighted by the example weights."""
+    codebooks): multi-scale mel distance, SI-SNR (dB), L1, and the spectral flatness of the
+    reconstruction and of the input (the noise floor), weighted by the example weights."""
     p = state.params["codec"]
     x_bcn = batch["audio"].astype(jnp.float32)
     w_b = batch["weight"].astype(jnp.float32)
     y_bcn = self.model.decode(p, self.model.encode(p, x_bcn))[..., :x_bcn.shape[-1]]
+    n_fft = flatness_fft(x_bcn.shape[-1])
     return {"msspec_sum": jnp.sum(w_b * losses.multiscale_mel(y_bcn, x_bcn, self.mel)),
             "sisnr_sum": jnp.sum(w_b * losses.si_snr(y_bcn, x_bcn)),
             "l1_sum": jnp.sum(w_b * losses.l1(y_bcn, x_bcn)),
+            "flatness_sum": jnp.sum(w_b * losses.spectral_flatness(y_bcn, n_fft, n_fft // 4)),
+            "flatness_real_sum": jnp.sum(w_b * losses.spectral_flatness(x_bcn, n_fft, n_fft // 4)),
             "count": jnp.sum(w_b)}
 
   @staticmethod
@@ -330,7 +340,8 @@ class CodecTask:
     n = max(float(sums["count"]), 1.0)
     mel = float(sums["msspec_sum"]) / n
     return {"loss": mel, "mel_distance": mel, "sisnr": float(sums["sisnr_sum"]) / n,
-            "l1": float(sums["l1_sum"]) / n, "examples": float(sums["count"])}
+            "l1": float(sums["l1_sum"]) / n, "flatness": float(sums["flatness_sum"]) / n,
+            "flatness_real": float(sums["flatness_real_sum"]) / n, "examples": float(sums["count"])}
 
   def write_model_files(self, workdir: str) -> None:
     """Nothing besides the config (which holds codec.encodec) and the checkpoints: no tokenizer."""
