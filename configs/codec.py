@@ -10,8 +10,9 @@ Variants:
              synthesised General-MIDI renderings of scores, far fewer timbres than the music
              MusicGen's codec learnt, so a narrow codec suffices. Sized for training on a 2-core CPU:
              batch 8 x 1 s, no adversarial losses (configs/demo.py says why), dead-code threshold
-             0.25. Measured on that CPU: 0.67 s per step without the discriminator, 15.3 s with it;
-             with it and batch 32 on an H200 (jax 0.11.2): 0.32 s per step.
+             0.25. Measured on that CPU: 0.67 s per step without the discriminator, 15.3 s with it
+             (8-9 s since its convolutions avoid strides and dilations, 2026-11-27); without it and
+             batch 32 on an H200 (jax 0.11.2): 0.32 s per step.
   demo25     an experiment for the shipped model's next codec: demo with ratios 8, 5, 4, 8 (hop 1280,
              25 Hz frames, 0.9 kbps), so that a held note spans twice as few frames and an 8 s
              sample is 200 LM steps; models/demo/TRAINING.md says why and what it gave.

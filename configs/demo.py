@@ -17,13 +17,16 @@ models/demo/TRAINING.md records the run that made the shipped weights.
 codec  EnCodec geometry at 32 kHz mono, hop 640 (50 Hz frames), 4 codebooks of 512, 16 base filters,
        64-dim latents, one LSTM layer (configs/codec.py:demo). Trained with the L1, multi-scale mel
        and commitment losses but without the adversarial ones: on this CPU the MS-STFT
-       discriminator makes a step 23 times slower (15.3 s against 0.67 s for 8 x 1 s), and
-       the corpus is synthesised General-MIDI audio whose timbres a reconstruction loss alone
-       learns well enough for a demo. Batch 8 x 1 s, so each code sees 400 frames per step: the
-       dead-code threshold is lowered to match (audiocraft's 2.0 assumes ~12 times more frames per
-       code), and 512 codes per book (not 1024) keep the LM's vocabulary small.
+       discriminator made a step 23 times slower (15.3 s against 0.67 s for 8 x 1 s; 8-9 s since
+       2026-11-27). What that costs, a noise floor many times the real audio's, and the
+       adversarial fine-tune that lowers it: models/demo/TRAINING.md. Batch 8 x 1 s, so each
+       code sees 400 frames per step: the dead-code threshold is lowered to match (audiocraft's
+       2.0 assumes ~12 times more frames per code), and 512 codes per book (not 1024) keep the
+       LM's vocabulary small.
 lm     4 layers, D 256, 4 heads, FFN 1024 (4.2M parameters with the heads and embeddings), the
-       learned byte-level text encoder (2 layers, D 256) and the chroma melody, both as a prefix as
+       learned byte-level text encoder (2 layers, D 256; it collapsed in training, and the next LM
+       should use --config.text.tokenizer=words --config.text.num_layers=0, TRAINING.md says
+       why) and the chroma melody, both as a prefix as
        MusicGen-Melody does; 8 s segments, batch 8, 500 steps (2.8 s a step on a 2-core CPU:
        about 25 minutes), then continued to 2000 (the recipe above). 576 positions: the longest
        text prefix (96 bytes), the melody prefix (64 chroma frames) and 8.2 s of audio, the length
