@@ -329,8 +329,10 @@ def _train_metrics(acc_host: dict, steps_per_s: float, frames_per_s: float) -> d
 
 def _summary(m: dict) -> str:
   """'loss 2.3456 perplexity [..] ...': every number of a metrics dict, rounded."""
-  def fmt(v):
-    return f"{v:.4f}" if isinstance(v, float) else str([round(float(x), 3) for x in v])
+  def fmt(v):   # small figures (flatness, condition gain) keep 3 significant digits
+    if isinstance(v, float):
+      return f"{v:.3g}" if 0 < abs(v) < 0.01 else f"{v:.4f}"
+    return str([round(float(x), 3) for x in v])
   return " ".join(f"{k} {fmt(v)}" for k, v in m.items() if isinstance(v, (float, list)))
 
 
