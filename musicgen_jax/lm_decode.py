@@ -178,8 +178,8 @@ def _heads(cfg: lm_lib.LMConfig, x_bnd: jax.Array) -> jax.Array:
 # GPU matmuls read the weights at about a fifth of the bandwidth, and at batch 1 the step is bound by
 # that read. On one H200 at the small shape in bf16 (docs/BENCHMARKS.md, bench/decode_profile.py),
 # batch 1 over 300 steps: 846-858 steps/s with matmuls, 1018 with every projection as sums (1002
-# with all but Q/K/V; cuBLAS instead of Triton matmuls: 796, and 996 with sums). On a CPU the sums are slower (XLA:CPU's dot is a
-# tuned matrix-vector product), so there the matmul stays.
+# with all but Q/K/V; cuBLAS instead of Triton matmuls: 796, and 996 with sums). On a CPU the sums
+# are slower (XLA:CPU's dot is a tuned matrix-vector product), so there the matmul stays.
 REDUCE_DENSE_MAX_ROWS = 8
 REDUCE_DENSE_BACKENDS = ("gpu",)
 

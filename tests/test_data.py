@@ -502,7 +502,8 @@ def test_word_vocabulary_is_fitted_on_the_training_captions_once(env, tmp_path):
   assert tok.vocab_size == len(words) + 3                        # <pad>, </s>, <unk> and the words
   ids = tok(train_captions)
   assert not (ids["input_ids"] == UNK_ID).any()
-  assert (ids["input_ids"][np.arange(len(ids["input_ids"])), ids["attention_mask"].sum(1) - 1] == 1).all()
+  last = ids["attention_mask"].sum(1) - 1
+  assert (ids["input_ids"][np.arange(len(last)), last] == 1).all()            # </s> ends each
   held_out = {w for t in valid_captions for w in split(t)} - words
   assert held_out and (tok(valid_captions)["input_ids"] == UNK_ID).any()
   model = MusicGen.load(wd)

@@ -130,13 +130,13 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
                                    int(config.data.get("items_per_shard") or 64))
     else:
       plan = wait_for(lambda: manifest_lib.read_json(os.path.join(cache, token_cache.PLAN_FILE)),
-                   f"{cache}/plan.json")
+                      f"{cache}/plan.json")
     token_cache.build_shards(cache, plan, codec, params, spec,
                              batch_size=int(config.data.encode_batch_size),
                              process_index=process_index, process_count=process_count)
     if primary:
       wait_for(lambda: None if token_cache.missing_shards(cache, plan) else True,
-            f"the other processes' token-cache shards in {cache}")
+               f"the other processes' token-cache shards in {cache}")
       counts = token_cache.finalize(cache, plan, spec, audio_counts)
     else:
       counts = wait_for(lambda: token_cache.read_counts(cache), f"{cache}/counts.json")
@@ -144,8 +144,8 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
   if primary:
     manifest_lib.write_json(pointer, {"cache": cache})
   else:   # an older run's pointer may still be there: wait for this one's
-    wait_for(lambda: True if (manifest_lib.read_json(pointer) or {}).get("cache") == cache else None,
-          f"{pointer} naming {cache}")
+    named = lambda: (manifest_lib.read_json(pointer) or {}).get("cache") == cache
+    wait_for(lambda: True if named() else None, f"{pointer} naming {cache}")
   return {"kind": kind, **counts["windows"], "frames": counts["frames"],
           "skipped": audio_counts.get("skipped", {}), "cache": cache}
 
