@@ -76,8 +76,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
       items_per_shard=64, num_examples=1024, corpus="full"))
   # Fine-tuning: a model directory (converted Hugging Face checkpoint or one of ours) to start from. Its
   # architecture (model, text, pattern, codec) is used; dtype, dropout, remat and scan_unroll stay
-  # this config's.
+  # this config's. init_fresh: parts of that model that start from a fresh initialisation instead,
+  # with this config's settings ("text": a new text encoder, e.g. another tokenizer); with
+  # data.codec, the codec is data.codec's (the one that makes the token cache).
   c.init_from = ""
+  c.init_fresh = ""
   # Multi-host: explicit coordinator, or `auto` detection of TPU pods, SLURM and Open MPI jobs.
   c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1, auto=True,
                                   timeout_seconds=300))

@@ -57,6 +57,27 @@ def test_lm_run_takes_its_codec_from_data_codec(tmp_path):
   assert loop.resolve_init_from(plain).to_dict() == plain.to_dict()
 
 
+def test_fine_tuning_on_another_codecs_tokens_takes_that_codec(tmp_path):
+  """With init_from and a different data.codec, the run's codec (its config section and the model
+  files it writes) is data.codec's, the one its token cache comes from, not init_from's."""
+  import sys
+  sys.path.insert(0, ROOT)
+  from configs import codec as codec_configs
+  demo, musicgen = _configs()
+  model_dir, codec_dir = str(tmp_path / "model"), str(tmp_path / "codec")
+  base = musicgen.get_config("tiny")
+  base.codec = codec_configs.get_config("tiny").codec
+  checkpoint.write_config(model_dir, base)
+  other = codec_configs.get_config("tiny")
+  other.codec.encodec.num_filters = 2 * other.codec.encodec.num_filters
+  checkpoint.write_config(codec_dir, other)
+  c = musicgen.get_config("tiny")
+  c.init_from, c.data.codec = model_dir, codec_dir
+  assert loop.resolve_init_from(c).codec.to_dict() == other.codec.to_dict()
+  c.data.codec = ""
+  assert loop.resolve_init_from(c).codec.to_dict() == base.codec.to_dict()
+
+
 def test_bfloat16_export_loads_as_rounded_float32(tmp_path):
   """export --dtype bfloat16 halves the parameter bytes; loading gives float32 arrays equal to the
   bfloat16 rounding of the originals; the source itself and a bad dtype are refused."""

@@ -194,6 +194,30 @@ def test_fine_tuning_starts_from_a_model_directory_with_frozen_embeddings(tmp_pa
   assert moved < 0.05
 
 
+def test_init_fresh_text_starts_a_new_text_encoder_beside_the_models_lm(tmp_path):
+  """init_fresh='text': the LM comes from init_from, the text encoder is new and built from this
+  config's text settings (here 2 layers where the model directory's has 1)."""
+  from musicgen_jax.pipeline import MusicGen
+  src = MusicGen.random(get_config("tiny"), seed=3)
+  src.save(str(tmp_path / "model"))
+  c = tiny(num_steps=1, eval_every=0, learning_rate=1e-5, warmup_steps=1)
+  c.init_from, c.init_fresh = str(tmp_path / "model"), "text"
+  c.text.num_layers = 2
+  loop.train(c, str(tmp_path / "run"), out=lambda _: None)
+  params = final_state(str(tmp_path / "run"), 1)["params"]
+  leaves = zip(jax.tree.leaves(params["lm"]), jax.tree.leaves(src.params["lm"]))
+  assert max(float(np.abs(np.asarray(a) - b).max()) for a, b in leaves) < 1e-3
+  assert checkpoint.read_config(str(tmp_path / "run")).text.num_layers == 2
+  assert len(jax.tree.leaves(params["text"])) > len(jax.tree.leaves(src.params["text"]))
+  # Without init_fresh the text encoder is the model directory's, and its architecture with it.
+  c.init_fresh, c.text.num_layers = "", 2
+  loop.train(c, str(tmp_path / "run2"), out=lambda _: None)
+  params = final_state(str(tmp_path / "run2"), 1)["params"]
+  assert checkpoint.read_config(str(tmp_path / "run2")).text.num_layers == 1
+  leaves = zip(jax.tree.leaves(params["text"]), jax.tree.leaves(src.params["text"]))
+  assert max(float(np.abs(np.asarray(a) - b).max()) for a, b in leaves) < 1e-3
+
+
 def _batch(config, examples: range) -> dict:
   frames = int(round(config.train.segment_seconds * config.codec.frame_rate))
   texts, codes = zip(*(synthetic.example(0, i, 4, config.model.card, frames) for i in examples))
@@ -301,10 +325,15 @@ def test_sharded_training_matches_one_device_and_restores_across_meshes():
     (dict(batch_size=0), r"train.batch_size must be an integer >= 1"),
     (dict(ema_decay=1.5), r"train.ema_decay must be in \[0, 1\)"),
     (dict(freeze=("lm/(",)), r"train.freeze pattern 'lm/\(' is not a regular expression"),
+    (dict(init_fresh="text"), r"init_fresh needs init_from"),
+    (dict(init_fresh="lm", init_from="models/demo"), r"init_fresh names 'lm': the parts that can "
+     r"start anew are text"),
 ])
 def test_bad_settings_fail_before_anything_is_written(change, match, tmp_path):
   mesh = change.pop("mesh", None)
+  top = {k: change.pop(k) for k in ("init_fresh", "init_from") if k in change}
   c = tiny(**change)
+  c.update(top)
   if mesh:
     c.mesh.shape = mesh
   with pytest.raises(ValueError, match=match):

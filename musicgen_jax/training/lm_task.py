@@ -257,7 +257,7 @@ class LMTask:
     if self.tokenizer_file and os.path.abspath(self.tokenizer_file) != dst:
       shutil.copyfile(self.tokenizer_file, dst)
     codec_dir = os.path.join(workdir, checkpoint.CODEC_DIR)
-    source = self.config.init_from or self.config.data.codec
+    source = self.config.data.get("codec") or self.config.init_from   # the token cache's codec
     if source and self.config.codec.get("encodec") and not os.path.isdir(codec_dir):
       _, params = checkpoint.load_codec(source)
       checkpoint.save_model(codec_dir, self.config, {"codec": params})

@@ -62,6 +62,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(t.max_steps_ahead, int) or t.max_steps_ahead < 0:
     raise ValueError(f"train.max_steps_ahead must be an integer >= 0 (0 = unbounded), "
                      f"got {t.max_steps_ahead!r}")
+  init_fresh_parts(config)
   if t.eval_every < 0 or t.eval_batches < 0:
     raise ValueError("train.eval_every and train.eval_batches must be >= 0 (0 = off / whole split)")
   if not 0.0 <= t.ema_decay < 1.0:
@@ -90,6 +91,22 @@ def task_class(config: ml_collections.ConfigDict):
   return getattr(importlib.import_module(module), cls)
 
 
+INIT_FRESH = ("text",)   # the parts of a model that `init_fresh` can start anew
+
+
+def init_fresh_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The parts named by `init_fresh` (comma-separated), checked against INIT_FRESH and init_from."""
+  parts = tuple(p.strip() for p in str(config.get("init_fresh") or "").split(",") if p.strip())
+  bad = [p for p in parts if p not in INIT_FRESH]
+  if bad:
+    raise ValueError(f"init_fresh names {', '.join(map(repr, bad))}: the parts that can start "
+                     f"anew are {', '.join(INIT_FRESH)}")
+  if parts and not config.get("init_from"):
+    raise ValueError("init_fresh needs init_from: it names the parts of init_from's model that "
+                     "start from a fresh initialisation instead")
+  return parts
+
+
 def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """With `init_from`, the architecture (model shape, text encoder, pattern, codec) is the model
   directory's; numerics (dtype, dropout, remat, scan_unroll) and everything else stay the config's.
@@ -110,8 +127,14 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.Confi
   numerics = ("dtype", "dropout", "remat", "scan_unroll")
   keep = {k: config.model[k] for k in numerics if k in config.model} if has_model else {}
   sections = ("model", "text", "pattern", "codec") if has_model else ("codec",)
+  fresh = init_fresh_parts(config)
+  codec_dir = config.get("data", {}).get("codec") if has_model else ""
+  if codec_dir and os.path.abspath(codec_dir) != os.path.abspath(config.init_from):
+    # The token cache comes from data.codec, so the model's codec is that one, not init_from's.
+    source = ml_collections.ConfigDict(source.to_dict())
+    source.codec = ml_collections.ConfigDict(checkpoint.read_config(codec_dir).codec.to_dict())
   for section in sections:
-    if section in source:
+    if section in source and section not in fresh:
       config[section] = ml_collections.ConfigDict(source[section].to_dict())
   if has_model:
     config.model.update(keep)
@@ -163,7 +186,7 @@ class _Run:
                        f"ways of the mesh {dict(mesh.shape)} and by the {jax.process_count()} processes")
     # --- task ---
     text_dir = self.workdir if os.path.isfile(os.path.join(self.workdir, checkpoint.TOKENIZER_FILE)) \
-        else (c.init_from or None)
+        else (c.init_from or None) if "text" not in init_fresh_parts(c) else None
     task = (self.task_factory or task_class(c))(c, mesh, text_dir)
     # --- input pipeline ---
     pc = jax.process_count()
@@ -266,20 +289,30 @@ class _Run:
     if not c.init_from:
       init = jax.jit(lambda r: nn.unbox(task.init_state(r)), out_shardings=state_sh)
       return init(key)
-    params = load_init_params(c.init_from, task)
-    init = jax.jit(lambda p, r: nn.unbox(task.init_state(r, params=p)), out_shardings=state_sh)
-    return init(params, key)
+    fresh = init_fresh_parts(c)
+    params = load_init_params(c.init_from, task, skip=fresh)
+
+    def start(p, r):
+      if fresh:   # the parts named by init_fresh: a random initialisation, as without init_from
+        new = nn.unbox(task.init_params(jax.random.fold_in(r, 1)))
+        p = {**p, **{k: new[k] for k in fresh}}
+      return nn.unbox(task.init_state(r, params=p))
+
+    return jax.jit(start, out_shardings=state_sh)(params, key)
 
 
-def load_init_params(directory: str, task) -> Any:
-  """The {'lm', 'text'} parameters of a model directory, placed on the devices with the task's
-  shardings (each device gets only its shard); ValueError naming the first mismatching leaf."""
+def load_init_params(directory: str, task, skip: tuple[str, ...] = ()) -> Any:
+  """The {'lm', 'text'} parameters of a model directory (less the parts in `skip`), placed on the
+  devices with the task's shardings (each device gets only its shard); ValueError naming the first
+  mismatching leaf."""
   if hasattr(task, "load_params"):
     params = task.load_params(directory)
   else:
     _, params = checkpoint.load_model(directory)
   shardings = task.param_shardings()
   expected = nn.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
+  expected = {k: v for k, v in expected.items() if k not in skip}
+  shardings = {k: shardings[k] for k in expected}
   params = {k: params[k] for k in expected}
   flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
   flat_p = dict(jax.tree_util.tree_flatten_with_path(params)[0])
