@@ -94,6 +94,25 @@ def test_word_tokenizer_is_fitted_on_words_and_punctuation(tmp_path):
     fit_word_tokenizer(["", " "], tmp_path / "empty.json")
 
 
+def test_words_outside_the_vocabulary_are_named_in_one_warning(tmp_path, caplog):
+  from musicgen_jax.conditioners.tokenizer import UNK_ID, fit_word_tokenizer
+  tok = fit_word_tokenizer(["a folk tune in A major"], tmp_path / "tokenizer.json")
+  with caplog.at_level("WARNING"):
+    ids = tok(["a cheerful folk dance", "dance in A major 🎻"])["input_ids"]
+    tok(["a lively jig"])
+  assert (ids == UNK_ID).sum() == 4
+  said = [r.getMessage() for r in caplog.records if "vocabulary" in r.getMessage()]
+  assert len(said) == 1, said
+  assert "3 word(s)" in said[0] and "'cheerful', 'dance', '🎻'" in said[0] and "of 9" in said[0]
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    tok(["a folk tune"])
+    fit_word_tokenizer(["x"], tmp_path / "t2.json")(["x y"], max_length=8)
+  assert [r.getMessage() for r in caplog.records if "vocabulary" in r.getMessage()] == [
+      "1 word(s) of the text are not in the text encoder's vocabulary of 4 and are read as "
+      "unknown: 'y'. Further unknown words are not reported"]
+
+
 def test_text_encoder_without_layers_is_the_normalised_embedding(tmp_path):
   """num_layers=0: word embedding + positions through the final LayerNorm, nothing else."""
   cond = LearnedTextConditioner(TextTokenizer.from_file(None), dim=D, num_layers=0, num_heads=H,

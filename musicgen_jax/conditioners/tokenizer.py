@@ -29,6 +29,11 @@ class TextTokenizer:
     self._tok = tokenizer
     self.pad_id = int(pad_id)
     self._warned = False   # truncation is reported once per tokenizer, not at every batch
+    self._warned_unknown = False   # so are words outside the vocabulary
+    self._unk_id = None
+    if tokenizer is not None:
+      unk = getattr(tokenizer.model, "unk_token", None) or "<unk>"
+      self._unk_id = tokenizer.token_to_id(unk)
 
   @classmethod
   def from_file(cls, path: Union[str, os.PathLike, None] = None) -> "TextTokenizer":
@@ -60,21 +65,23 @@ class TextTokenizer:
       return BYTE_VOCAB_SIZE
     return int(self._tok.get_vocab_size(with_added_tokens=True))
 
-  def _encode_one(self, text: str, max_length: Optional[int]) -> tuple[list[int], bool]:
-    """-> (ids including the end-of-sequence token(s), whether the text was truncated)."""
+  def _encode_one(self, text: str, max_length: Optional[int]) -> tuple[list[int], bool, list[str]]:
+    """-> (ids including the end-of-sequence token(s), whether the text was truncated, the words
+    read as the unknown token)."""
     if self._tok is None:
       content = [b + BYTE_OFFSET for b in text.encode("utf-8")]
       cut = max_length is not None and len(content) + 1 > max_length
       if cut:
         content = content[:max_length - 1]
-      return content + [EOS_ID], cut
+      return content + [EOS_ID], cut, []
     enc = self._tok.encode(text, add_special_tokens=False)
+    unknown = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self._unk_id]
     n_special = self._tok.num_special_tokens_to_add(False)
     cut = max_length is not None and len(enc.ids) + n_special > max_length
     if cut:
       enc.truncate(max(max_length - n_special, 0))
     ids = list(self._tok.post_process(enc, add_special_tokens=True).ids)
-    return (ids[:max_length] if max_length else ids), cut
+    return (ids[:max_length] if max_length else ids), cut, unknown
 
   def __call__(self, texts: Union[str, Sequence[str]],
                max_length: Optional[int] = None) -> dict[str, np.ndarray]:
@@ -95,17 +102,24 @@ class TextTokenizer:
     if max_length is not None and int(max_length) < 1:
       raise ValueError(f"max_length must be >= 1, got {max_length}")
     encoded = [self._encode_one(t, max_length) for t in texts]
-    n_cut = sum(cut for _, cut in encoded)
+    n_cut = sum(cut for _, cut, _ in encoded)
     if n_cut and not self._warned:
       self._warned = True
-      first = next(t for t, (_, cut) in zip(texts, encoded) if cut)
+      first = next(t for t, (_, cut, _) in zip(texts, encoded) if cut)
       _log.warning("truncated %d of %d texts to max_length=%d tokens (e.g. %r); raise "
                    "config.text.max_length to keep whole prompts. Further truncations by this "
                    "tokenizer are not reported", n_cut, len(texts), max_length, first[:60])
-    length = max_length if max_length is not None else max(max(len(ids) for ids, _ in encoded), 1)
+    unknown = list(dict.fromkeys(w for _, _, words in encoded for w in words))
+    if unknown and not self._warned_unknown:
+      self._warned_unknown = True
+      shown = ", ".join(repr(w) for w in unknown[:12]) + (", ..." if len(unknown) > 12 else "")
+      _log.warning("%d word(s) of the text are not in the text encoder's vocabulary of %d and are "
+                   "read as unknown: %s. Further unknown words are not reported", len(unknown),
+                   self.vocab_size, shown)
+    length = max_length if max_length is not None else max(max(len(ids) for ids, _, _ in encoded), 1)
     ids_bl = np.full((len(texts), length), self.pad_id, np.int32)
     mask_bl = np.zeros((len(texts), length), np.int32)
-    for i, (ids, _) in enumerate(encoded):
+    for i, (ids, _, _) in enumerate(encoded):
       ids_bl[i, :len(ids)] = ids
       mask_bl[i, :len(ids)] = 1
     return {"input_ids": ids_bl, "attention_mask": mask_bl}
