@@ -52,9 +52,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # clipping 1.0). batch_size is the GLOBAL batch of one micro-step; grad_accum micro-steps make one
   # update. freeze: regular expressions over parameter paths ('lm/embed_tokens') that do not train.
   # max_steps_ahead: dispatched steps the host lets run unfinished (0 = unbounded); 2 keeps the devices
-  # fed and bounds how late a stop signal or preemption notice is acted on.
+  # fed and bounds how late a stop signal or preemption notice is acted on. stop_at: the step to stop
+  # at (0 = num_steps), while the schedule stays num_steps' (a run cut short, reproducibly).
   c.train = ConfigDict(dict(
-      seed=0, batch_size=32, num_steps=100_000, learning_rate=1e-4, warmup_steps=2000,
+      seed=0, batch_size=32, num_steps=100_000, stop_at=0, learning_rate=1e-4, warmup_steps=2000,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, grad_accum=1, ema_decay=0.0, freeze=(),
       cond_dropout=0.2, segment_seconds=30.0, log_every=100, eval_every=1000, eval_batches=0,
       checkpoint_every=1000, keep_checkpoints=3, keep_best=True, async_checkpoints=True,

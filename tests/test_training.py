@@ -92,6 +92,17 @@ def test_sigterm_saves_and_resume_is_bit_identical(reference, tmp_path):
   assert_same_tree(final_state(wd), final_state(reference[0]))
 
 
+def test_stop_at_ends_early_on_the_same_path(reference, tmp_path):
+  """stop_at cuts a run short without changing its schedule: the checkpoint at the stop is the
+  uninterrupted run's at that step, and a resume without stop_at ends where that run ends."""
+  wd = str(tmp_path / "run")
+  metrics = loop.train(tiny(stop_at=3), wd, out=lambda _: None)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]
+  assert "eval_loss" in metrics   # the last step is evaluated, as at num_steps
+  loop.train(tiny(), wd, out=lambda _: None)
+  assert_same_tree(final_state(wd), final_state(reference[0]))
+
+
 def test_the_host_waits_for_the_step_max_steps_ahead_back(tmp_path, monkeypatch):
   """Each step does ~0.1 s of extra device work and nothing else syncs (one log, one checkpoint, no
   eval), so asynchronous dispatch would queue every step at once; with max_steps_ahead=2 at most 2
@@ -325,6 +336,7 @@ def test_sharded_training_matches_one_device_and_restores_across_meshes():
     (dict(batch_size=0), r"train.batch_size must be an integer >= 1"),
     (dict(ema_decay=1.5), r"train.ema_decay must be in \[0, 1\)"),
     (dict(freeze=("lm/(",)), r"train.freeze pattern 'lm/\(' is not a regular expression"),
+    (dict(stop_at=7), r"train.stop_at must be an integer in \[0, train.num_steps=6\]"),
     (dict(init_fresh="text"), r"init_fresh needs init_from"),
     (dict(init_fresh="lm", init_from="models/demo"), r"init_fresh names 'lm': the parts that can "
      r"start anew are text"),

@@ -59,6 +59,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                "keep_checkpoints"):
     if not isinstance(t[name], int) or t[name] < 1:
       raise ValueError(f"train.{name} must be an integer >= 1, got {t[name]!r}")
+  stop_at = t.get("stop_at", 0)
+  if not isinstance(stop_at, int) or not 0 <= stop_at <= t.num_steps:
+    raise ValueError(f"train.stop_at must be an integer in [0, train.num_steps={t.num_steps}] "
+                     f"(0 = num_steps), got {stop_at!r}")
   if not isinstance(t.max_steps_ahead, int) or t.max_steps_ahead < 0:
     raise ValueError(f"train.max_steps_ahead must be an integer >= 0 (0 = unbounded), "
                      f"got {t.max_steps_ahead!r}")
@@ -213,7 +217,8 @@ class _Run:
       task.write_model_files(self.workdir)
     # --- the loop ---
     writer = metrics_lib.MetricWriter(self.workdir, enabled=primary)
-    progress = metrics_lib.Progress(start, t.num_steps, enabled=primary and t.progress,
+    end = t.get("stop_at") or t.num_steps   # the schedule is num_steps' whatever the end
+    progress = metrics_lib.Progress(start, end, enabled=primary and t.progress,
                                     out=self.out if primary else (lambda _: None))
     stop = _StopSignals(install=pc == 1)
     acc = jax.device_put(ts.zero_acc(), acc_sh)
@@ -230,7 +235,7 @@ class _Run:
       generative = hook.GenerativeHook(c, os.path.abspath(data_dir), task.text, self.out)
     try:
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        while cur < t.num_steps:
+        while cur < end:
           batch = _global_batch(next(train_iter), batch_sh)
           state, acc, done = ts.fn(state, acc, batch)
           cur += 1
@@ -239,7 +244,7 @@ class _Run:
             while len(queued) > ahead:
               queued.popleft().block_until_ready()
           progress.update()
-          if cur % t.log_every == 0 or cur == t.num_steps:
+          if cur % t.log_every == 0 or cur == end:
             host = jax.device_get(acc)
             acc = jax.device_put(ts.zero_acc(), acc_sh)
             _raise_if_bad(host, store)
@@ -249,7 +254,7 @@ class _Run:
             writer.write(cur, {f"train/{k}": v for k, v in last.items()})
             progress.show(loss=last["loss"])
             progress.write(_line(cur, last))
-          if t.eval_every and (cur % t.eval_every == 0 or cur == t.num_steps):
+          if t.eval_every and (cur % t.eval_every == 0 or cur == end):
             ev = evaluator.run(state, c, t.eval_batches)
             if ev:
               writer.write(cur, {f"eval/{k}": v for k, v in ev.items()})
@@ -257,7 +262,7 @@ class _Run:
               last.update({f"eval_{k}": v for k, v in ev.items()})
               if t.keep_best and primary:
                 evaluator.keep_if_best(cur, ev["loss"], task.export_params(state), c)
-          if generative is not None and generative.due(cur, t.num_steps):
+          if generative is not None and generative.due(cur, end):
             from musicgen_jax.eval import hook
             params = hook.gather(task.export_params(state))
             if primary:
@@ -266,7 +271,7 @@ class _Run:
               progress.write(f"step {cur}: generated " + _summary(gen))
               last.update({f"generate_{k}": v for k, v in gen.items()})
           signum = stop.signum if pc == 1 else (signal.SIGTERM if store.reached_preemption(cur) else 0)
-          if cur % t.checkpoint_every == 0 or cur == t.num_steps or signum:
+          if cur % t.checkpoint_every == 0 or cur == end or signum:
             _raise_if_bad(jax.device_get(acc), store)
             store.save(cur, state, train_iter)
           if signum:
