@@ -1,40 +1,46 @@
-"""The model that ships with the repo (models/demo): `--config configs/demo.py:codec` and `:lm`.
+"""The model that ships with the repo (models/demo): `--config configs/demo.py:VARIANT`.
 
 Trained on a 2-core CPU from the music21 corpus rendered with FluidSynth (corpus preset "demo"),
-in two runs that share one data directory (the corpus is rendered once, by whichever run starts
-first), then exported in bfloat16. The whole recipe, one command from the repository root:
+in runs that share one data directory (the corpus is rendered once, by whichever run starts first),
+then exported in bfloat16. The whole recipe, one command from the repository root (each run resumes
+if interrupted; models/demo/TRAINING.md records the runs that made the shipped weights):
 
     python train.py --config configs/demo.py:codec --workdir runs/demo-codec && \
+    python train.py --config configs/demo.py:codec_adv --workdir runs/demo-codec-adv && \
     python train.py --config configs/demo.py:lm --workdir runs/demo-lm && \
-    python train.py --config configs/demo.py:lm --workdir runs/demo-lm --config.train.num_steps=2000 && \
-    python -m musicgen_jax.export runs/demo-lm models/demo --dtype bfloat16 --overwrite
+    python train.py --config configs/demo.py:lm --workdir runs/demo-lm --config.train.num_steps=2000 \
+        --config.train.stop_at=1800 && \
+    python train.py --config configs/demo.py:lm_words --workdir runs/demo-lm-words && \
+    python train.py --config configs/demo.py:lm_final --workdir runs/demo-lm-final && \
+    python -m musicgen_jax.export runs/demo-lm-final models/demo --dtype bfloat16 --overwrite
 
-The LM trains in two stages, as the shipped weights did: 500 steps with their own warmup and cosine
-decay, then the same run continued to 2000 steps, whose schedule restarts from its value at step
-500 of a 2000-step cosine (a warm restart: the learning rate goes back up to 0.87 of its peak).
-models/demo/TRAINING.md records the run that made the shipped weights.
-
-codec  EnCodec geometry at 32 kHz mono, hop 640 (50 Hz frames), 4 codebooks of 512, 16 base filters,
-       64-dim latents, one LSTM layer (configs/codec.py:demo). Trained with the L1, multi-scale mel
-       and commitment losses but without the adversarial ones: on this CPU the MS-STFT
-       discriminator made a step 23 times slower (15.3 s against 0.67 s for 8 x 1 s; 8-9 s since
-       2026-11-27). What that costs, a noise floor many times the real audio's, and the
-       adversarial fine-tune that lowers it: models/demo/TRAINING.md. Batch 8 x 1 s, so each
-       code sees 400 frames per step: the dead-code threshold is lowered to match (audiocraft's
-       2.0 assumes ~12 times more frames per code), and 512 codes per book (not 1024) keep the
-       LM's vocabulary small.
-lm     4 layers, D 256, 4 heads, FFN 1024 (4.2M parameters with the heads and embeddings), the
-       learned byte-level text encoder (2 layers, D 256; it collapsed in training, and the next LM
-       should use --config.text.tokenizer=words --config.text.num_layers=0, TRAINING.md says
-       why) and the chroma melody, both as a prefix as
-       MusicGen-Melody does; 8 s segments, batch 8, 500 steps (2.8 s a step on a 2-core CPU:
-       about 25 minutes), then continued to 2000 (the recipe above). 576 positions: the longest
-       text prefix (96 bytes), the melody prefix (64 chroma frames) and 8.2 s of audio, the length
-       it learnt; longer samples are generated in overlapping windows of that length, as for the
-       released models. Pattern: "delay" (the paper's choice for its released
-       models): one decoder step per frame, so an 8 s sample is 403 steps, where flattening would
-       take 4 times as many (too slow for a sample in under a minute on a CPU) and parallel
-       predicts the codebooks of a frame independently, which the paper found clearly worse.
+codec      EnCodec geometry at 32 kHz mono, hop 640 (50 Hz frames), 4 codebooks of 512, 16 base
+           filters, 64-dim latents, one LSTM layer (configs/codec.py:demo), 3,000 steps with the L1,
+           multi-scale mel and commitment losses only (the MS-STFT discriminator makes a step 12
+           times slower on this CPU). Batch 8 x 1 s, so each code sees 400 frames per step: the
+           dead-code threshold is lowered to match (audiocraft's 2.0 assumes ~12 times more frames
+           per code), and 512 codes per book (not 1024) keep the LM's vocabulary small.
+codec_adv  that codec fine-tuned with the adversarial and feature-matching losses (MS-STFT
+           discriminator, weights 4 and 4 beside L1 0.1 and mel 2 in the balancer): without them
+           the decoder adds a noise floor 12 times the input's spectral flatness, which the LM then
+           learns to reproduce; 700 steps of a 1000-step schedule bring it to about the input's.
+lm         4 layers, D 256, 4 heads, FFN 1024 (4.2M parameters with the heads and embeddings), the
+           learned byte-level text encoder (2 layers, D 256) and the chroma melody, both as a prefix
+           as MusicGen-Melody does; 8 s segments, batch 8, 500 steps (2.8 s a step on a 2-core CPU),
+           then continued to step 1800 of a 2000-step schedule (a warm restart: the learning rate
+           goes back up to 0.87 of its peak). 576 positions: the longest text prefix (96 tokens),
+           the melody prefix (64 chroma frames) and 8.2 s of audio, the length it learnt; longer
+           samples are generated in overlapping windows of that length, as for the released models.
+           Pattern: "delay" (the paper's choice for its released models): one decoder step per
+           frame, so an 8 s sample is 403 steps, where flattening would take 4 times as many (too
+           slow for a sample in under a minute on a CPU) and parallel predicts the codebooks of a
+           frame independently, which the paper found clearly worse.
+lm_words   that LM with a new text encoder (init_fresh): its byte-level one collapsed to one output
+           for every caption, so the LM had learnt to ignore it. A word vocabulary fitted on the
+           training captions and no layers (an embedding table plus positions, like audiocraft's
+           lookup-table conditioner) cannot collapse that way. Learning rate 5e-4, 1036 steps of a
+           1500-step schedule.
+lm_final   that LM continued on the tokens of codec_adv (its codec is the one exported), 5e-4.
 """
 from __future__ import annotations
 
@@ -43,8 +49,11 @@ from ml_collections import ConfigDict
 from configs import codec as codec_configs
 from configs import musicgen
 
-DATA_DIR = "runs/demo-data"      # the corpus and the token cache, shared by the two runs
-CODEC_DIR = "runs/demo-codec"    # the codec run's work directory (the LM run's codec)
+DATA_DIR = "runs/demo-data"      # the corpus and the token caches, shared by the runs
+CODEC_DIR = "runs/demo-codec"    # the codec run's work directory (the lm run's codec)
+ADV_CODEC_DIR = "runs/demo-codec-adv"   # its adversarial fine-tune (lm_final's codec)
+LM_DIR, WORDS_DIR = "runs/demo-lm", "runs/demo-lm-words"   # where lm_words and lm_final start
+VARIANTS = ("codec", "codec_adv", "lm", "lm_words", "lm_final")
 
 
 def _data(c: ConfigDict) -> None:
@@ -53,12 +62,16 @@ def _data(c: ConfigDict) -> None:
 
 def get_config(arg: str | None = None) -> ConfigDict:
   variant = arg or "lm"
-  if variant == "codec":
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown demo config variant {variant!r}: use one of {', '.join(VARIANTS)}")
+  if variant in ("codec", "codec_adv"):
     c = codec_configs.get_config("demo")
     _data(c)
+    if variant == "codec_adv":
+      c.init_from = CODEC_DIR
+      c.codec_train.losses.update(adv=4.0, feat=4.0)
+      c.train.update(num_steps=1000, stop_at=700, eval_every=100, checkpoint_every=50, log_every=10)
     return c
-  if variant != "lm":
-    raise ValueError(f"unknown demo config variant {variant!r}: use codec or lm")
   c = musicgen.get_config("small")
   c.variant = "demo"
   c.model.update(num_codebooks=4, card=512, dim=256, num_layers=4, num_heads=4, ffn_dim=1024,
@@ -72,4 +85,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
                  eval_batches=4, checkpoint_every=100, keep_checkpoints=2)
   _data(c)
   c.data.codec = CODEC_DIR
+  if variant == "lm_words":
+    c.init_from, c.init_fresh = LM_DIR, "text"
+    c.text.update(tokenizer="words", num_layers=0)
+    c.train.update(learning_rate=5e-4, warmup_steps=100, num_steps=1500, stop_at=1036)
+  elif variant == "lm_final":
+    c.init_from, c.data.codec = WORDS_DIR, ADV_CODEC_DIR
+    c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1200, eval_every=200)
   return c
