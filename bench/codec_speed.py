@@ -83,7 +83,7 @@ def main() -> None:
   x = jax.device_put(jnp.asarray(audio))
   t0 = time.perf_counter()
   codes = encode(params, x).block_until_ready()
-  wav = decode(params, codes).block_until_ready()
+  decode(params, codes).block_until_ready()
   compile_s = time.perf_counter() - t0
   ours_enc = _median_time(lambda: encode(params, x).block_until_ready(), args.repeats)
   ours_dec = _median_time(lambda: decode(params, codes).block_until_ready(), args.repeats)

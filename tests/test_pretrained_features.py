@@ -6,7 +6,6 @@ converted with musicgen_jax.convert and loaded with MusicGen.load; everything ru
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import subprocess
@@ -21,7 +20,7 @@ pytest.importorskip("tokenizers")
 
 from musicgen_jax import audio as audio_lib, convert, sampling  # noqa: E402
 from musicgen_jax.pipeline import MusicGen  # noqa: E402
-from tests.test_convert import CARD, K, ROOT, TEXTS, _hf_model, _hf_text, _tokenizer_json, fill_codebooks, hf_generate  # noqa: E402
+from tests.test_convert import CARD, K, ROOT, TEXTS, _hf_model, _tokenizer_json, fill_codebooks, hf_generate  # noqa: E402
 
 GREEDY_CFG3 = sampling.SamplingSettings(top_k=1, cfg_coef=3.0)
 
