@@ -58,6 +58,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}: prompts go in --prompt")
   f = {name: FLAGS[name].value for name in FLAGS}
+  cli.plain_log_lines()
   with cli.friendly_errors("sample.py"):
     request = cli.SampleRequest.from_flags(f)        # everything cheap, before any model is loaded
     overrides = cli.config_overrides(FLAGS["config"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -54,6 +55,18 @@ def _config_flag_names() -> list[str]:
     except flags.Error:   # a config flag not parsed yet (UnparsedFlagError)
       names.append(name)
   return names
+
+
+class _PlainFormatter(logging.Formatter):
+  def format(self, record: logging.LogRecord) -> str:
+    return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def plain_log_lines() -> None:
+  """Log records reach the user as 'warning: ...' lines (as the tool's own warnings are printed),
+  not with absl's timestamp, thread id and source line. Call inside absl's app.run."""
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().setFormatter(_PlainFormatter())
 
 
 def parse_flags(argv: list[str]) -> list[str]:
