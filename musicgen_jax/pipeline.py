@@ -90,8 +90,8 @@ def text_conditioner_from_config(config: ml_collections.ConfigDict, directory: s
   elif tok_path == WORD_TOKENIZER:
     raise ValueError(f"config.text.tokenizer={WORD_TOKENIZER!r} is a word vocabulary fitted on the "
                      "training captions when training starts, kept as tokenizer.json in the work "
-                     f"directory: {directory or 'no directory'} has none (pass the run's work "
-                     "directory or model directory)")
+                     f"directory: {f'{directory} has none' if directory else 'none was given'} "
+                     "(pass the run's work directory or model directory)")
   if t.kind == "learned":
     return LearnedTextConditioner(TextTokenizer.from_file(tok_path), dim=t.dim,
                                   num_layers=t.num_layers, num_heads=t.num_heads,
@@ -147,15 +147,16 @@ class MusicGen:
 
   # --- construction -----------------------------------------------------------------------------
   @classmethod
-  def random(cls, config: ml_collections.ConfigDict, seed: int = 0) -> "MusicGen":
+  def random(cls, config: ml_collections.ConfigDict, seed: int = 0, text=None) -> "MusicGen":
     """A model with random weights (tests, smoke runs): N(0, 0.02) noise, LayerNorms at identity.
 
-    The shapes come from tracing the initialisers (jax.eval_shape), the values from numpy: nothing is
-    compiled.
+    `text`: the text conditioner (e.g. a trained model's, whose word vocabulary lives in its
+    directory); default: built from config.text. The shapes come from tracing the initialisers
+    (jax.eval_shape), the values from numpy: nothing is compiled.
     """
     lm_cfg = lm_lib.LMConfig.from_dict(config.model)
     pattern_from_config(config)  # fail on a bad pattern before anything is initialised
-    text = text_conditioner_from_config(config)
+    text = text if text is not None else text_conditioner_from_config(config)
 
     def init(key):
       k1, k2 = jax.random.split(key)

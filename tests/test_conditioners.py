@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import types
 
 import jax
@@ -111,6 +112,29 @@ def test_words_outside_the_vocabulary_are_named_in_one_warning(tmp_path, caplog)
   assert [r.getMessage() for r in caplog.records if "vocabulary" in r.getMessage()] == [
       "1 word(s) of the text are not in the text encoder's vocabulary of 4 and are read as "
       "unknown: 'y'. Further unknown words are not reported"]
+
+
+def test_random_model_of_a_word_vocabulary_config_takes_the_trained_text_conditioner(tmp_path):
+  """A word vocabulary lives in the model's directory, not in its config: MusicGen.random (the
+  evaluation's random-weight baseline) takes the trained model's text conditioner."""
+  import importlib, sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from musicgen_jax.conditioners.tokenizer import fit_word_tokenizer
+  from musicgen_jax.pipeline import MusicGen
+  c = importlib.import_module("configs.musicgen").get_config("tiny")
+  c.text.tokenizer = "words"
+  with pytest.raises(ValueError, match="tokenizer.json in the work directory: none was given"):
+    MusicGen.random(c)
+  text = LearnedTextConditioner(fit_word_tokenizer(["a folk tune"], tmp_path / "t.json"),
+                                dim=c.text.dim, num_layers=c.text.num_layers,
+                                num_heads=c.text.num_heads, max_length=c.text.max_length)
+  model = MusicGen.random(c, text=text)
+  assert model.text is text
+  rows = model.params["text"]["token_embedding"]["embedding"].shape[0]
+  c.text.tokenizer = ""
+  shapes = nn.unbox(jax.eval_shape(text.init, jax.random.key(0)))
+  assert rows == shapes["token_embedding"]["embedding"].shape[0]
+  assert rows < MusicGen.random(c).params["text"]["token_embedding"]["embedding"].shape[0]
 
 
 def test_text_encoder_without_layers_is_the_normalised_embedding(tmp_path):

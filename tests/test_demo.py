@@ -135,9 +135,9 @@ def test_shipped_model_is_small_and_recorded():
   assert config["codec"]["encodec"]["codebook_size"] == config["model"]["card"]
 
 
-def test_sample_without_checkpoint_uses_the_shipped_model(sample, tmp_path):
+def test_sample_without_checkpoint_uses_the_shipped_model(sample, tmp_path, caplog):
   """The README's main command: no --checkpoint, a WAV at the codec's rate that is neither silent
-  nor clipped noise; --melody works with it."""
+  nor clipped noise; --melody works with it. The words its vocabulary lacks are named once."""
   _shipped()
   out = tmp_path / "out"
   rate = 32000
@@ -149,6 +149,9 @@ def test_sample_without_checkpoint_uses_the_shipped_model(sample, tmp_path):
                            "0.5", "--out", str(wav), "--melody", melody, "--plot", shipped=True)
   assert rc == 0, err
   assert "randomly initialised" not in err
+  said = err + caplog.text
+  assert said.count("not in the text encoder's vocabulary") == 1, said
+  assert "'cheerful', 'dance'" in said, said
   assert sorted(p.name for p in out.iterdir()) == ["folk.png", "folk.wav"], stdout
   audio, sr = sf.read(str(wav), dtype="float32")
   assert sr == rate and abs(len(audio) - rate // 2) <= 640

@@ -213,7 +213,7 @@ def evaluate(model_dir: str, data_dir: str, settings: EvalSettings = EvalSetting
   rows.update(reference.baselines(settings.seed))
   if settings.random_baseline:
     from musicgen_jax.pipeline import MusicGen as _MusicGen
-    rand = _MusicGen.random(model.config, seed=settings.seed)
+    rand = _MusicGen.random(model.config, seed=settings.seed, text=model.text)
     rand = _MusicGen(model.config, dict(rand.params, codec=model.params["codec"]), model.text,
                      model.codec)
     rows["random weights (same codec)"] = reference.score(
