@@ -23,7 +23,7 @@ codec      EnCodec geometry at 32 kHz mono, hop 640 (50 Hz frames), 4 codebooks 
 codec_adv  that codec fine-tuned with the adversarial and feature-matching losses (MS-STFT
            discriminator, weights 4 and 4 beside L1 0.1 and mel 2 in the balancer): without them
            the decoder adds a noise floor 12 times the input's spectral flatness, which the LM then
-           learns to reproduce; 700 steps of a 1000-step schedule bring it to about the input's.
+           learns to reproduce; 700 steps of a 1000-step schedule bring it to the input's or below.
 lm         4 layers, D 256, 4 heads, FFN 1024 (4.2M parameters with the heads and embeddings), the
            learned byte-level text encoder (2 layers, D 256) and the chroma melody, both as a prefix
            as MusicGen-Melody does; 8 s segments, batch 8, 500 steps (2.8 s a step on a 2-core CPU),
