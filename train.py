@@ -30,15 +30,14 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
   config = _CONFIG.value
-  fresh = tuple(f"--config.{p.strip()}." for p in str(config.get("init_fresh") or "").split(",")
-                if p.strip())
-  overridden = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(_ARCHITECTURE)
-                and not a.startswith(_NUMERICS) and not a.startswith(fresh)]
-  if config.init_from and overridden:
-    cli.fail(f"{', '.join(overridden)} cannot be combined with --config.init_from: the architecture "
-             f"comes from {config.init_from}; only model.dtype, model.dropout and model.remat may "
-             "change (and the parts that --config.init_fresh starts anew)")
   with cli.friendly_errors("train.py"):
+    fresh = tuple(f"--config.{part}." for part in loop.init_fresh_parts(config))
+    overridden = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(_ARCHITECTURE)
+                  and not a.startswith(_NUMERICS) and not a.startswith(fresh)]
+    if config.init_from and overridden:
+      cli.fail(f"{', '.join(overridden)} cannot be combined with --config.init_from: the "
+               f"architecture comes from {config.init_from}; only model.dtype, model.dropout and "
+               "model.remat may change (and the parts that --config.init_fresh starts anew)")
     try:
       loop.train(config, FLAGS.workdir)
     except loop.Stopped as e:

@@ -360,3 +360,11 @@ def test_init_from_refuses_architecture_overrides(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].startswith(
       "error: --config.model.dim cannot be combined with --config.init_from"), r.stderr
+  # The text settings may change when init_fresh starts the text encoder anew: the run gets past
+  # this check (and stops at the empty init_from directory instead).
+  r = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path / "run"),
+                      "--config.init_from", str(tmp_path), "--config.init_fresh=text",
+                      "--config.text.num_layers=0"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 2 and "cannot be combined" not in r.stderr, r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: "), r.stderr

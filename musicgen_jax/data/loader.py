@@ -95,6 +95,12 @@ def _synthetic_sizes(config) -> dict[str, int]:
 
 # --- building the caches -------------------------------------------------------------------------
 
+def token_codec_dir(config) -> str:
+  """The model directory whose codec makes the token cache, and so the run's codec: data.codec,
+  else init_from ('' when neither is set)."""
+  return config.data.get("codec") or config.get("init_from") or ""
+
+
 def prepare_data(config, workdir: str, *, process_index: int = 0, process_count: int = 1) -> dict:
   """Builds or reuses the caches `make_iterator` reads; -> counts for the log.
 
@@ -108,7 +114,7 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
     kinds = ("synthetic",) + tuple(AUDIO_SOURCES)
     raise ValueError(f"data.kind must be one of {kinds}, got {kind!r}")
   from musicgen_jax import checkpoint
-  codec_dir = config.data.get("codec") or config.get("init_from") or ""
+  codec_dir = token_codec_dir(config)
   if not codec_dir:
     raise ValueError(f"data.kind={kind!r} needs a codec to build the token cache: set "
                      "--config.data.codec=MODEL_DIR or --config.init_from=MODEL_DIR")

@@ -257,7 +257,8 @@ class LMTask:
     if self.tokenizer_file and os.path.abspath(self.tokenizer_file) != dst:
       shutil.copyfile(self.tokenizer_file, dst)
     codec_dir = os.path.join(workdir, checkpoint.CODEC_DIR)
-    source = self.config.data.get("codec") or self.config.init_from   # the token cache's codec
+    from musicgen_jax.data import loader
+    source = loader.token_codec_dir(self.config)
     if source and self.config.codec.get("encodec") and not os.path.isdir(codec_dir):
       _, params = checkpoint.load_codec(source)
       checkpoint.save_model(codec_dir, self.config, {"codec": params})

@@ -189,8 +189,12 @@ class _Run:
       raise ValueError(f"train.batch_size {t.batch_size} must be divisible by the {ways} data-parallel "
                        f"ways of the mesh {dict(mesh.shape)} and by the {jax.process_count()} processes")
     # --- task ---
-    text_dir = self.workdir if os.path.isfile(os.path.join(self.workdir, checkpoint.TOKENIZER_FILE)) \
-        else (c.init_from or None) if "text" not in init_fresh_parts(c) else None
+    # The text encoder's vocabulary: the run's own, else init_from's unless its text starts anew.
+    text_dir = None
+    if os.path.isfile(os.path.join(self.workdir, checkpoint.TOKENIZER_FILE)):
+      text_dir = self.workdir
+    elif c.init_from and "text" not in init_fresh_parts(c):
+      text_dir = c.init_from
     task = (self.task_factory or task_class(c))(c, mesh, text_dir)
     # --- input pipeline ---
     pc = jax.process_count()
