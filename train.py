@@ -31,9 +31,11 @@ def main(argv):
     cli.fail(f"unexpected arguments {argv[1:]}")
   config = _CONFIG.value
   with cli.friendly_errors("train.py"):
-    fresh = tuple(f"--config.{part}." for part in loop.init_fresh_parts(config))
-    overridden = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(_ARCHITECTURE)
-                  and not a.startswith(_NUMERICS) and not a.startswith(fresh)]
+    fresh = [f"--config.{field}" for part in loop.init_fresh_parts(config)
+             for field in loop.INIT_FRESH[part].fields]
+    names = [a.split("=")[0] for a in sys.argv[1:]]
+    overridden = [n for n in names if n.startswith(_ARCHITECTURE) and not n.startswith(_NUMERICS)
+                  and not any(n == f or n.startswith(f + ".") for f in fresh)]
     if config.init_from and overridden:
       cli.fail(f"{', '.join(overridden)} cannot be combined with --config.init_from: the "
                f"architecture comes from {config.init_from}; only model.dtype, model.dropout and "

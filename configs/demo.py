@@ -56,7 +56,8 @@ DATA_DIR = "runs/demo-data"      # the corpus and the token caches, shared by th
 CODEC_DIR = "runs/demo-codec"    # the codec run's work directory (the lm run's codec)
 ADV_CODEC_DIR = "runs/demo-codec-adv"   # its adversarial fine-tune (lm_final's codec)
 LM_DIR, WORDS_DIR = "runs/demo-lm", "runs/demo-lm-words"   # where lm_words and lm_final start
-VARIANTS = ("codec", "codec_adv", "lm", "lm_words", "lm_final")
+FINAL_DIR = "runs/demo-lm-final"                          # where lm_cross starts
+VARIANTS = ("codec", "codec_adv", "lm", "lm_words", "lm_final", "lm_cross")
 
 
 def _data(c: ConfigDict) -> None:
@@ -96,4 +97,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.init_from, c.data.codec = WORDS_DIR, ADV_CODEC_DIR
     c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1200, stop_at=1000,
                    eval_every=200)
+  elif variant == "lm_cross":
+    c.init_from, c.init_fresh, c.data.codec = FINAL_DIR, "cross", ADV_CODEC_DIR
+    c.model.text_conditioning = "cross"
+    c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1500, eval_every=250)
   return c

@@ -78,7 +78,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # Fine-tuning: a model directory (converted Hugging Face checkpoint or one of ours) to start from. Its
   # architecture (model, text, pattern, codec) is used; dtype, dropout, remat and scan_unroll stay
   # this config's. init_fresh: parts of that model that start from a fresh initialisation instead,
-  # with this config's settings ("text": a new text encoder, e.g. another tokenizer); with
+  # with this config's settings ("text": a new text encoder, e.g. another tokenizer; "cross": text
+  # read by new cross-attention layers, for a model that read it as a prefix); with
   # data.codec, the codec is data.codec's (the one that makes the token cache).
   c.init_from = ""
   c.init_fresh = ""

@@ -229,6 +229,33 @@ def test_init_fresh_text_starts_a_new_text_encoder_beside_the_models_lm(tmp_path
   assert max(float(np.abs(np.asarray(a) - b).max()) for a, b in leaves) < 1e-3
 
 
+def test_init_fresh_cross_adds_text_cross_attention_to_a_prefix_models_lm(tmp_path):
+  """init_fresh='cross': a model that read its text as a prefix gets new cross-attention layers;
+  every other weight (the LM's self-attention, FFN, embeddings, heads; the text encoder) is kept."""
+  from musicgen_jax.pipeline import MusicGen
+  src_config = get_config("tiny")
+  src_config.model.text_conditioning = "prefix"
+  src = MusicGen.random(src_config, seed=3)
+  src.save(str(tmp_path / "model"))
+  c = tiny(num_steps=1, eval_every=0, learning_rate=1e-5, warmup_steps=1)
+  c.init_from, c.init_fresh = str(tmp_path / "model"), "cross"
+  c.model.text_conditioning = "cross"
+  loop.train(c, str(tmp_path / "run"), out=lambda _: None)
+  assert checkpoint.read_config(str(tmp_path / "run")).model.text_conditioning == "cross"
+  params = final_state(str(tmp_path / "run"), 1)["params"]
+  flat = {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  before = {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(src.params)[0]}
+  new = sorted(set(flat) - set(before))
+  assert new and all("encoder_attn" in name for name in new), new
+  assert set(before) <= set(flat)
+  assert max(float(np.abs(flat[n] - before[n]).max()) for n in before) < 1e-3
+  # The new layers are a fresh initialisation, not zeros: the LM reads the text from step 0.
+  kernels = [flat[n] for n in new if n.endswith("['kernel']")]
+  assert len(kernels) == 4 and all(float(np.abs(x).max()) > 0 for x in kernels)
+
+
 def _batch(config, examples: range) -> dict:
   frames = int(round(config.train.segment_seconds * config.codec.frame_rate))
   texts, codes = zip(*(synthetic.example(0, i, 4, config.model.card, frames) for i in examples))
@@ -339,13 +366,18 @@ def test_sharded_training_matches_one_device_and_restores_across_meshes():
     (dict(stop_at=7), r"train.stop_at must be an integer in \[0, train.num_steps=6\]"),
     (dict(init_fresh="text"), r"init_fresh needs init_from"),
     (dict(init_fresh="lm", init_from="models/demo"), r"init_fresh names 'lm': the parts that can "
-     r"start anew are text"),
+     r"start anew are text, cross"),
+    (dict(init_fresh="cross", init_from="models/demo", model=dict(text_conditioning="prefix")),
+     r"init_fresh=cross starts text "
+     r"cross-attention layers: set model.text_conditioning=cross"),
 ])
 def test_bad_settings_fail_before_anything_is_written(change, match, tmp_path):
   mesh = change.pop("mesh", None)
   top = {k: change.pop(k) for k in ("init_fresh", "init_from") if k in change}
+  model = change.pop("model", {})
   c = tiny(**change)
   c.update(top)
+  c.model.update(model)
   if mesh:
     c.mesh.shape = mesh
   with pytest.raises(ValueError, match=match):
@@ -353,18 +385,26 @@ def test_bad_settings_fail_before_anything_is_written(change, match, tmp_path):
   assert not os.path.exists(tmp_path / "run" / checkpoint.CONFIG_FILE)
 
 
-def test_init_from_refuses_architecture_overrides(tmp_path):
-  r = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path), "--config.init_from",
-                      str(tmp_path), "--config.model.dim=64"], cwd=ROOT, capture_output=True,
-                     text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+def _train_py(*args):
+  return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("fresh, allowed, refused", [
+    ("", None, "--config.model.dim=64"),
+    ("text", "--config.text.num_layers=0", "--config.model.dim=64"),
+    ("cross", "--config.model.text_conditioning=cross", "--config.model.text_dim=64"),
+])
+def test_init_from_refuses_architecture_overrides(fresh, allowed, refused, tmp_path):
+  init = ["--config.init_from", str(tmp_path), f"--config.init_fresh={fresh}"]
+  r = _train_py("--workdir", str(tmp_path / "run"), *init, refused)
   assert r.returncode == 2
+  flag = refused.split("=")[0]
   assert r.stderr.strip().splitlines()[-1].startswith(
-      "error: --config.model.dim cannot be combined with --config.init_from"), r.stderr
-  # The text settings may change when init_fresh starts the text encoder anew: the run gets past
-  # this check (and stops at the empty init_from directory instead).
-  r = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path / "run"),
-                      "--config.init_from", str(tmp_path), "--config.init_fresh=text",
-                      "--config.text.num_layers=0"], cwd=ROOT, capture_output=True, text=True,
-                     timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert r.returncode == 2 and "cannot be combined" not in r.stderr, r.stderr
-  assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: "), r.stderr
+      f"error: {flag} cannot be combined with --config.init_from"), r.stderr
+  if allowed:
+    # The settings of the parts that init_fresh starts anew may change: the run gets past this
+    # check (and stops at the empty init_from directory instead).
+    r = _train_py("--workdir", str(tmp_path / "run"), *init, allowed)
+    assert r.returncode == 2 and "cannot be combined" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: "), r.stderr

@@ -95,7 +95,22 @@ def task_class(config: ml_collections.ConfigDict):
   return getattr(importlib.import_module(module), cls)
 
 
-INIT_FRESH = ("text",)   # the parts of a model that `init_fresh` can start anew
+@dataclasses.dataclass(frozen=True)
+class FreshPart:
+  """A part of init_from's model that `init_fresh` starts anew: the config fields it takes from this
+  config rather than from init_from's (dotted), and which parameters (by path) it initialises."""
+  fields: tuple[str, ...]
+  params: Callable[[tuple[str, ...]], bool]
+
+
+INIT_FRESH = {
+    # a new text encoder, e.g. another tokenizer or depth
+    "text": FreshPart(("text",), lambda path: path[0] == "text"),
+    # text read by cross-attention in every layer (new weights) instead of as a prefix: the LM's
+    # other weights are kept
+    "cross": FreshPart(("model.text_conditioning",),
+                       lambda path: path[0] == "lm" and any(n.startswith("encoder_attn") for n in path)),
+}
 
 
 def init_fresh_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -108,7 +123,23 @@ def init_fresh_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   if parts and not config.get("init_from"):
     raise ValueError("init_fresh needs init_from: it names the parts of init_from's model that "
                      "start from a fresh initialisation instead")
+  if "cross" in parts and config.model.text_conditioning != "cross":
+    raise ValueError("init_fresh=cross starts text cross-attention layers: set "
+                     "model.text_conditioning=cross as well")
   return parts
+
+
+def is_fresh(path, parts: tuple[str, ...]) -> bool:
+  """Whether the parameter at `path` (a key path of the {'lm', 'text'} tree) starts anew."""
+  names = tuple(str(getattr(k, "key", k)) for k in path)
+  return any(INIT_FRESH[p].params(names) for p in parts)
+
+
+def _get_field(config: ml_collections.ConfigDict, field: str):
+  value = config
+  for name in field.split("."):
+    value = value[name]
+  return ml_collections.ConfigDict(value.to_dict()) if isinstance(value, ml_collections.ConfigDict) else value
 
 
 def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -132,14 +163,21 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.Confi
   keep = {k: config.model[k] for k in numerics if k in config.model} if has_model else {}
   sections = ("model", "text", "pattern", "codec") if has_model else ("codec",)
   fresh = init_fresh_parts(config)
+  own = {f: _get_field(config, f) for p in fresh for f in INIT_FRESH[p].fields}
   codec_dir = config.get("data", {}).get("codec") if has_model else ""
   if codec_dir and os.path.abspath(codec_dir) != os.path.abspath(config.init_from):
     # The token cache comes from data.codec, so the model's codec is that one, not init_from's.
     source = ml_collections.ConfigDict(source.to_dict())
     source.codec = ml_collections.ConfigDict(checkpoint.read_config(codec_dir).codec.to_dict())
   for section in sections:
-    if section in source and section not in fresh:
+    if section in source:
       config[section] = ml_collections.ConfigDict(source[section].to_dict())
+  for field, value in own.items():   # the fresh parts' settings are this config's
+    *parents, name = field.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
   if has_model:
     config.model.update(keep)
     if config.text.kind == "learned":
@@ -299,42 +337,41 @@ class _Run:
       init = jax.jit(lambda r: nn.unbox(task.init_state(r)), out_shardings=state_sh)
       return init(key)
     fresh = init_fresh_parts(c)
-    params = load_init_params(c.init_from, task, skip=fresh)
+    params = load_init_params(c.init_from, task, fresh=fresh)
 
     def start(p, r):
       if fresh:   # the parts named by init_fresh: a random initialisation, as without init_from
         new = nn.unbox(task.init_params(jax.random.fold_in(r, 1)))
-        p = {**p, **{k: new[k] for k in fresh}}
+        p = jax.tree.map(lambda n, loaded: n if loaded is None else loaded, new, p)
       return nn.unbox(task.init_state(r, params=p))
 
     return jax.jit(start, out_shardings=state_sh)(params, key)
 
 
-def load_init_params(directory: str, task, skip: tuple[str, ...] = ()) -> Any:
-  """The {'lm', 'text'} parameters of a model directory (less the parts in `skip`), placed on the
-  devices with the task's shardings (each device gets only its shard); ValueError naming the first
-  mismatching leaf."""
+def load_init_params(directory: str, task, fresh: tuple[str, ...] = ()) -> Any:
+  """The {'lm', 'text'} parameters of a model directory, placed on the devices with the task's
+  shardings (each device gets only its shard); the parameters of the init_fresh parts in `fresh`
+  are None. ValueError naming the first mismatching leaf."""
   if hasattr(task, "load_params"):
     params = task.load_params(directory)
   else:
     _, params = checkpoint.load_model(directory)
-  shardings = task.param_shardings()
-  expected = nn.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
-  expected = {k: v for k, v in expected.items() if k not in skip}
-  shardings = {k: shardings[k] for k in expected}
-  params = {k: params[k] for k in expected}
-  flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
   flat_p = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  for path, leaf in flat_e.items():
+
+  def place(path, e, s):
+    if is_fresh(path, fresh):
+      return None
     name = jax.tree_util.keystr(path)
     if path not in flat_p:
       raise ValueError(f"init_from {directory} has no parameter {name}: it is not a model of this shape")
-    if tuple(np.shape(flat_p[path])) != tuple(leaf.shape):
-      raise ValueError(f"init_from {directory}: parameter {name} has shape {np.shape(flat_p[path])}, "
-                       f"this config needs {tuple(leaf.shape)}")
-  return jax.tree.map(
-      lambda x, s, e: jax.make_array_from_callback(e.shape, s, lambda idx: np.asarray(x, e.dtype)[idx]),
-      params, shardings, expected)
+    x = flat_p[path]
+    if tuple(np.shape(x)) != tuple(e.shape):
+      raise ValueError(f"init_from {directory}: parameter {name} has shape {np.shape(x)}, "
+                       f"this config needs {tuple(e.shape)}")
+    return jax.make_array_from_callback(e.shape, s, lambda idx: np.asarray(x, e.dtype)[idx])
+
+  expected = nn.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
+  return jax.tree_util.tree_map_with_path(place, expected, task.param_shardings())
 
 
 def _tokenizer_file(workdir: str) -> str | None:
