@@ -80,13 +80,24 @@ def test_fine_tuning_on_another_codecs_tokens_takes_that_codec(tmp_path):
   model_dir, codec_dir = str(tmp_path / "model"), str(tmp_path / "codec")
   base = musicgen.get_config("tiny")
   base.codec = codec_configs.get_config("tiny").codec
-  checkpoint.write_config(model_dir, base)
   other = codec_configs.get_config("tiny")
   other.codec.encodec.num_filters = 2 * other.codec.encodec.num_filters
-  checkpoint.write_config(codec_dir, other)
+  from musicgen_jax.pipeline import codec_from_config
+  for directory, cfg, value in ((model_dir, base, 1.0), (codec_dir, other, 2.0)):
+    shapes = jax.eval_shape(codec_from_config(cfg).init, jax.random.key(0))
+    checkpoint.save_model(directory, cfg, {"codec": jax.tree.map(
+        lambda x, v=value: np.full(x.shape, v, np.float32), shapes)})
   c = musicgen.get_config("tiny")
   c.init_from, c.data.codec = model_dir, codec_dir
-  assert loop.resolve_init_from(c).codec.to_dict() == other.codec.to_dict()
+  resolved = loop.resolve_init_from(c)
+  assert resolved.codec.to_dict() == other.codec.to_dict()
+  # The codec the run writes into its work directory (what sample.py decodes with) is that one too.
+  from musicgen_jax.sharding import make_mesh
+  from musicgen_jax.training.lm_task import LMTask
+  task = LMTask(resolved, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  task.write_model_files(str(tmp_path / "run"))
+  _, written = checkpoint.load_codec(str(tmp_path / "run"))
+  assert {float(np.unique(x)[0]) for x in jax.tree.leaves(written)} == {2.0}
   c.data.codec = ""
   assert loop.resolve_init_from(c).codec.to_dict() == base.codec.to_dict()
 
