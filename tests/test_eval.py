@@ -69,6 +69,40 @@ def test_melody_similarity_is_one_for_the_melody_itself_and_low_for_another():
   assert control.melody_similarity(ref, c5.astype(np.float32), sr) == 0.0
 
 
+def test_estimates_of_a_set_of_clips_are_summarised_and_matched():
+  """control.json says what the estimators made of the generated clips (a model whose samples all
+  sound alike shows one value), beside the match rates computed from the same estimates."""
+  sr = 22050
+  chord = lambda pcs: sum(_tone_at(440.0 * 2 ** ((pc - 9) / 12), sr) for pc in pcs)  # noqa: E731
+  clips = [chord((7, 11, 2)), chord((7, 11, 2)), chord((0, 4, 7))]   # G major twice, C major
+  keys = control.estimate("key", clips, sr, None)
+  assert keys[0] == keys[1] == (7, "major") and keys[2] == (0, "major")
+  assert control.matches("key", keys, [(7, "major"), (2, "minor"), (0, "major")]) == [True, False, True]
+  assert control.spread("key", keys) == {"most_common": [["G major", 2], ["C major", 1]],
+                                         "distinct": 2}
+  families = ["synth pad"] * 3 + ["organ", "brass", "organ"]
+  assert control.spread("family", families, top=2) == {
+      "most_common": [["synth pad", 3], ["organ", 2]], "distinct": 3}
+  bpm = [60.0, 90.0, 120.0, 150.0, 180.0]
+  assert control.spread("tempo", bpm) == {"bpm_quartiles": [90.0, 120.0, 150.0]}
+  assert control.matches("tempo", [120.0, 61.0], [60.0, 90.0]) == [True, False]
+  result = {"samples": 3, "duration": 8.0, "real_test_renderings": 3,
+            "classifier": {"test_accuracy": 1.0, "test_clips": 3, "chance": 0.1},
+            "attributes": {"key": {"ceiling_real_audio": 1.0, "ceiling_through_codec": 1.0,
+                                   "named": 2 / 3, "estimates": {"named": control.spread("key", keys)}},
+                           "tempo": {"ceiling_real_audio": 1.0, "ceiling_through_codec": 1.0,
+                                     "named": 0.2, "estimates": {"named": control.spread("tempo", bpm)}}}}
+  text = control.markdown(result)
+  assert "key estimator made of the clips of the 'named' prompts: 2 distinct, the most common " \
+         "G major 2, C major 1." in text
+  assert "120 bpm in the median, quartiles 90 and 150" in text
+
+
+def _tone_at(freq, sr, seconds=4.0):
+  t = np.arange(int(seconds * sr)) / sr
+  return (0.2 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
 def test_pitch_class_spellings():
   assert [control._pc(n) for n in ("C", "F#", "Bb", "E-", "B", "Cb")] == [0, 6, 10, 3, 11, 11]
 

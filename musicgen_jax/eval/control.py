@@ -19,7 +19,9 @@ than changed or removed. The same estimators on the corpus's held-out test rende
 the model's codec makes of them, give the ceilings: how often they are right on real audio, and on
 the audio a perfect LM would generate through this codec. The family classifier learns from codec
 reconstructions as well as clean renderings (a classifier of clean audio alone places codec audio
-by its artefacts).
+by its artefacts). Beside each share, control.json keeps what the estimator made of the clips (the
+most common keys and families, the tempo's quartiles): samples that all sound alike show one value
+whatever the prompt.
 
 Likelihood: the held-out renderings' codes, teacher-forced, under their own caption and under the
 caption with one attribute changed (and another melody, and no condition). This needs no sampling
@@ -288,14 +290,33 @@ def _generate(model, prompts: list[str], duration: float, seed: int, chroma=None
   return generate_clips(model, prompts, duration, seed, batch, chroma, settings)
 
 
-def _match_rate(attr: str, clips: list[np.ndarray], truth: list, sr: int, clf) -> list[bool]:
+def estimate(attr: str, clips: list[np.ndarray], sr: int, clf) -> list:
+  """The attribute estimated from each clip: (tonic pitch class, mode), bpm, or a family name."""
   if attr == "key":
-    return [attributes.key_matches(attributes.estimate_key(a, sr), pc, mode)
-            for a, (pc, mode) in zip(clips, truth)]
+    return [attributes.estimate_key(a, sr) for a in clips]
   if attr == "tempo":
-    return [attributes.tempo_matches(attributes.estimate_tempo(a, sr), bpm)
-            for a, bpm in zip(clips, truth)]
-  return [p == t for p, t in zip(clf.predict(np.stack([features(a, sr) for a in clips])), truth)]
+    return [attributes.estimate_tempo(a, sr) for a in clips]
+  return list(clf.predict(np.stack([features(a, sr) for a in clips])))
+
+
+def matches(attr: str, estimates: list, truth: list) -> list[bool]:
+  if attr == "key":
+    return [attributes.key_matches(e, pc, mode) for e, (pc, mode) in zip(estimates, truth)]
+  if attr == "tempo":
+    return [attributes.tempo_matches(e, bpm) for e, bpm in zip(estimates, truth)]
+  return [e == t for e, t in zip(estimates, truth)]
+
+
+def spread(attr: str, estimates: list, top: int = 3) -> dict:
+  """What the estimator made of a set of clips: the most common keys or families with their
+  counts, or the quartiles of the tempo; a model whose samples all sound alike shows one value."""
+  if attr == "tempo":
+    return {"bpm_quartiles": [round(float(q), 1) for q in np.percentile(estimates, (25, 50, 75))]}
+  names = [attributes.key_name(*e) if attr == "key" else str(e) for e in estimates]
+  values, counts = np.unique(names, return_counts=True)
+  order = np.argsort(-counts, kind="stable")[:top]
+  return {"most_common": [[str(values[i]), int(counts[i])] for i in order],
+          "distinct": int(len(values))}
 
 
 def melody_similarity(chroma_ref: np.ndarray, audio: np.ndarray, sr: int) -> float:
@@ -328,7 +349,7 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
   truth = {"key": [(_pc(e["key_tonic"]), e["key_mode"]) for e in test],
            "tempo": [e["bpm"] for e in test], "family": [e["family"] for e in test]}
   through_codec = roundtrip(real)
-  ceiling = {attr: [float(np.mean(_match_rate(attr, clips, truth[attr], sr, clf)))
+  ceiling = {attr: [float(np.mean(matches(attr, estimate(attr, clips, sr, clf), truth[attr])))
                     for clips in (real, through_codec)] for attr in truth}
   result = {"samples": samples, "duration": duration, "seed": seed, "classifier": clf_info,
             "real_test_renderings": len(test), "sampling": dataclasses.asdict(settings),
@@ -338,9 +359,11 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
     for variant in ("named", "changed", "removed"):
       if variant in sets:
         clips = _generate(model, sets[variant], duration, seed, settings=settings)
-        row[variant] = float(np.mean(_match_rate(attr, clips, sets["truth"], sr, clf)))
+        found = estimate(attr, clips, sr, clf)
+        row[variant] = float(np.mean(matches(attr, found, sets["truth"])))
+        row.setdefault("estimates", {})[variant] = spread(attr, found)
     result["attributes"][attr] = row
-    log(f"{attr}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    log(f"{attr}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "estimates"))
   if model.lm_cfg.melody:
     from musicgen_jax.conditioners import melody as melody_lib
     pick = rng.permutation(len(test))[:samples]
@@ -432,6 +455,10 @@ def markdown(result: dict) -> str:
     sm = result["sampling"]
     lines.append(f"Sampling: temperature {sm['temperature']:g}, top-k {sm['top_k']}, top-p "
                  f"{sm['top_p']:g}, CFG {sm['cfg_coef']:g}.")
+  for attr, row in result["attributes"].items():
+    if "estimates" in row:           # control.json files written before 2026-11-27 lack them
+      lines.append(f"What the {attr} estimator made of the clips of the 'named' prompts: "
+                   f"{_spread_text(row['estimates']['named'])}.")
   c = result["classifier"]
   lines.append(f"Family classifier: {c['test_accuracy']:.2f} accuracy on {c['test_clips']} held-out "
                f"clips and {c.get('test_accuracy_through_codec', float('nan')):.2f} on their codec "
@@ -455,6 +482,14 @@ def markdown(result: dict) -> str:
                      f"{row['changed']:.4f} | {row['ce_increase']:+.4f} ± "
                      f"{row['ce_increase_std']:.4f} | {row['named_more_likely']:.2f} |")
   return "\n".join(lines) + "\n"
+
+
+def _spread_text(spread_: dict) -> str:
+  if "bpm_quartiles" in spread_:
+    q = spread_["bpm_quartiles"]
+    return f"{q[1]:g} bpm in the median, quartiles {q[0]:g} and {q[2]:g}"
+  common = ", ".join(f"{name} {count}" for name, count in spread_["most_common"])
+  return f"{spread_['distinct']} distinct, the most common {common}"
 
 
 def main(argv: list[str] | None = None) -> int:
