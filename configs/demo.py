@@ -44,6 +44,11 @@ lm_final   that LM continued on the tokens of codec_adv (the codec exported with
            renamed 92-97% of the codes, so the LM learns its vocabulary again while keeping what it
            knows of music and of the captions. Learning rate 5e-4, 1000 steps of a 1200-step
            schedule (45 min on this CPU).
+lm_cross   that LM reading its text by cross-attention in every layer instead of as a prefix
+           (init_fresh=cross: new cross-attention weights, every other weight kept; the audio then
+           starts right after the melody prefix). A cross-attention LM trained from scratch used its
+           conditions 25-35 times more than the prefix one but learnt the audio too slowly on this
+           CPU; starting from the trained LM keeps the audio. Learning rate 5e-4, 1500 steps.
 """
 from __future__ import annotations
 

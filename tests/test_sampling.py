@@ -9,6 +9,7 @@ sample_tokens is checked against known distributions.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -108,6 +109,17 @@ def test_greedy_melody_prefix_matches_reference_loop(melody_lm):
   pattern = patterns.get_pattern("delay", 4)
   got = _generate(melody_lm, pattern, segments=2)   # caches grown between two step scans
   np.testing.assert_array_equal(got, reference_greedy(melody_lm, pattern, melody_lm.conds, T, 3.0))
+
+
+def test_greedy_melody_prefix_with_text_by_cross_attention_matches_reference_loop():
+  """The chroma as a prefix and the text by cross-attention in the same model (the shipped model's
+  layout since 2026-11-27; the released melody models put both in the prefix)."""
+  from tests.conftest import MELODY_CFG, _tiny
+  lm = _tiny(dataclasses.replace(MELODY_CFG, text_conditioning="cross"), 2)
+  assert lm.cfg.cross_attention and lm.cfg.melody
+  pattern = patterns.get_pattern("delay", 4)
+  got = _generate(lm, pattern, segments=2)
+  np.testing.assert_array_equal(got, reference_greedy(lm, pattern, lm.conds, T, 3.0))
 
 
 def test_cfg_two_pass_equals_batch(text_lm):

@@ -123,7 +123,7 @@ def init_fresh_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   if parts and not config.get("init_from"):
     raise ValueError("init_fresh needs init_from: it names the parts of init_from's model that "
                      "start from a fresh initialisation instead")
-  if "cross" in parts and config.model.text_conditioning != "cross":
+  if "cross" in parts and config.get("model", {}).get("text_conditioning") != "cross":
     raise ValueError("init_fresh=cross starts text cross-attention layers: set "
                      "model.text_conditioning=cross as well")
   return parts
