@@ -160,10 +160,11 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.Confi
   config = ml_collections.ConfigDict(config.to_dict())
   has_model = "model" in config
   numerics = ("dtype", "dropout", "remat", "scan_unroll")
-  keep = {k: config.model[k] for k in numerics if k in config.model} if has_model else {}
   sections = ("model", "text", "pattern", "codec") if has_model else ("codec",)
-  fresh = init_fresh_parts(config)
-  own = {f: _get_field(config, f) for p in fresh for f in INIT_FRESH[p].fields}
+  # This config's own values: the numerics, and the settings of the parts init_fresh starts anew.
+  kept = [f"model.{k}" for k in numerics if k in config.model] if has_model else []
+  kept += [f for p in init_fresh_parts(config) for f in INIT_FRESH[p].fields]
+  own = {f: _get_field(config, f) for f in kept}
   codec_dir = config.get("data", {}).get("codec") if has_model else ""
   if codec_dir and os.path.abspath(codec_dir) != os.path.abspath(config.init_from):
     # The token cache comes from data.codec, so the model's codec is that one, not init_from's.
@@ -172,14 +173,13 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.Confi
   for section in sections:
     if section in source:
       config[section] = ml_collections.ConfigDict(source[section].to_dict())
-  for field, value in own.items():   # the fresh parts' settings are this config's
+  for field, value in own.items():
     *parents, name = field.split(".")
     node = config
     for parent in parents:
       node = node[parent]
     node[name] = value
   if has_model:
-    config.model.update(keep)
     if config.text.kind == "learned":
       config.model.text_dim = config.text.dim
   return config
