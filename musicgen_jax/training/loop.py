@@ -142,22 +142,32 @@ def _get_field(config: ml_collections.ConfigDict, field: str):
   return ml_collections.ConfigDict(value.to_dict()) if isinstance(value, ml_collections.ConfigDict) else value
 
 
+def _data_codec(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The codec architecture of an LM run's `data.codec` (the codec its token cache comes from),
+  or None: no LM, no data.codec, or a directory without a trained codec's config."""
+  data = config.get("data")
+  if "model" not in config or data is None or not data.get("codec"):
+    return None
+  source = checkpoint.read_config(data.codec)
+  if source.get("codec") is None or not source.codec.get("encodec"):
+    return None
+  return ml_collections.ConfigDict(source.codec.to_dict())
+
+
 def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """With `init_from`, the architecture (model shape, text encoder, pattern, codec) is the model
   directory's; numerics (dtype, dropout, remat, scan_unroll) and everything else stay the config's.
-  Without it, an LM run whose token cache comes from `data.codec` takes that codec's architecture,
-  so its work directory is a whole model (LM, text encoder and codec) that sample.py reads."""
-  if not config.init_from:
-    data = config.get("data")
-    if ("model" in config and data is not None and data.get("codec")
-        and not config.codec.get("encodec")):
-      source = checkpoint.read_config(data.codec)
-      if source.get("codec") is not None and source.codec.get("encodec"):
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.codec = ml_collections.ConfigDict(source.codec.to_dict())
-    return config
-  source = checkpoint.read_config(config.init_from)
+  In both cases an LM run whose token cache comes from `data.codec` takes that codec's
+  architecture (without init_from, unless the config names one itself), so its work directory is
+  a whole model (LM, text encoder and codec) that sample.py reads."""
   config = ml_collections.ConfigDict(config.to_dict())
+  if not config.init_from:
+    token_codec = None if config.get("codec", {}).get("encodec") else _data_codec(config)
+    if token_codec is not None:
+      config.codec = token_codec
+    return config
+  token_codec = _data_codec(config)
+  source = checkpoint.read_config(config.init_from)
   has_model = "model" in config
   numerics = ("dtype", "dropout", "remat", "scan_unroll")
   sections = ("model", "text", "pattern", "codec") if has_model else ("codec",)
@@ -165,14 +175,11 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> ml_collections.Confi
   kept = [f"model.{k}" for k in numerics if k in config.model] if has_model else []
   kept += [f for p in init_fresh_parts(config) for f in INIT_FRESH[p].fields]
   own = {f: _get_field(config, f) for f in kept}
-  codec_dir = config.get("data", {}).get("codec") if has_model else ""
-  if codec_dir and os.path.abspath(codec_dir) != os.path.abspath(config.init_from):
-    # The token cache comes from data.codec, so the model's codec is that one, not init_from's.
-    source = ml_collections.ConfigDict(source.to_dict())
-    source.codec = ml_collections.ConfigDict(checkpoint.read_config(codec_dir).codec.to_dict())
   for section in sections:
     if section in source:
       config[section] = ml_collections.ConfigDict(source[section].to_dict())
+  if token_codec is not None:   # the token cache's codec, not init_from's
+    config.codec = token_codec
   for field, value in own.items():
     *parents, name = field.split(".")
     node = config
