@@ -230,6 +230,7 @@ def test_token_source_decodes_like_tfds(env, cache):
     for i, want in enumerate(ref):
       got = fast[i]
       assert got["caption"] == want["caption"].decode()
+      assert got["metadata"] == want["metadata"].decode()
       for k in ("codes", "chroma"):
         assert got[k].dtype == want[k].dtype
         np.testing.assert_array_equal(got[k], want[k])
@@ -514,3 +515,125 @@ def test_word_vocabulary_is_fitted_on_the_training_captions_once(env, tmp_path):
   c.train.num_steps = 2
   loop.train(c, wd, out=lambda _: None)                         # resumes: the same vocabulary
   assert open(path, "rb").read() == before and os.path.getmtime(path) == 0
+
+
+# --- metadata merged into captions ----------------------------------------------------------------
+
+FIELDS = ("key", "bpm", "genre", "moods", "instrument")
+
+
+def test_attribute_phrases_name_each_usable_field_and_skip_the_rest():
+  meta = {"key": "G major", "bpm": 71.6, "genre": " jazz ", "moods": ["calm", "", "dreamy"],
+          "instrument": "flute", "title": "not asked for"}
+  assert loader.attribute_phrases(meta, FIELDS) == ["G major", "72 bpm", "jazz", "calm, dreamy",
+                                                    "flute"]
+  assert loader.attribute_phrases(json.dumps(meta), ("instrument", "key")) == ["flute", "G major"]
+  bad = {"key": None, "bpm": "fast", "genre": "", "moods": [], "instrument": {"a": 1}}
+  assert loader.attribute_phrases(bad, FIELDS) == []
+  assert loader.attribute_phrases({"bpm": -3}, FIELDS) == loader.attribute_phrases({"bpm": "nan"}, FIELDS) == []
+  assert loader.attribute_phrases("{not json", FIELDS) == loader.attribute_phrases(None, FIELDS) == []
+
+
+def test_merged_captions_follow_their_probabilities_and_the_stream_position():
+  item = {"caption": "an Irish reel", "codes": np.zeros((4, 5), np.int16),
+          "metadata": json.dumps({"key": "D major", "bpm": 120, "instrument": "fiddle"})}
+  phrases = {"D major", "120 bpm", "fiddle"}
+  merge = lambda p, desc=0.0, attr=0.0: loader.MergeAttributes(p, desc, attr, FIELDS, seed=5)  # noqa: E731
+  always = [merge(1.0).map_with_index(i, item)["caption"] for i in range(40)]
+  for cap in always:
+    head, *rest = cap.split(", ")
+    assert head == "an Irish reel" and set(rest) == phrases
+  assert len(set(always)) > 1                                   # the attributes' order varies
+  alone = [merge(1.0, desc=1.0).map_with_index(i, item)["caption"] for i in range(20)]
+  assert all(set(c.split(", ")) == phrases for c in alone)
+  assert merge(1.0, attr=1.0).map_with_index(3, item) is item   # every phrase dropped: unchanged
+  assert merge(0.0).map_with_index(3, item) is item
+  some = [merge(1.0, attr=0.5).map_with_index(i, item)["caption"] for i in range(400)]
+  named = np.mean([len(c.split(", ")) - 1 for c in some if c != item["caption"]])
+  assert 1.5 < named < 2.5                                      # of 3, each kept half the time
+  half = [merge(0.5).map_with_index(i, item) is not item for i in range(400)]
+  assert 0.42 < np.mean(half) < 0.58
+  again = [merge(0.5).map_with_index(i, item) is not item for i in range(400)]
+  assert half == again                                          # a function of the position
+  assert merge(1.0).map_with_index(7, dict(item, caption="")) ["caption"].split(", ")[0] in phrases
+
+
+class _Recorder:
+  """A tokenizer stand-in that keeps every caption it is given."""
+
+  def __init__(self):
+    self.seen = []
+
+  def tokenize(self, texts):
+    self.seen.extend(texts)
+    return {"input_ids": np.zeros((len(texts), 2), np.int32),
+            "attention_mask": np.ones((len(texts), 2), np.int32)}
+
+
+class _ItemsWithMetadata(_Items):
+  def __getitem__(self, i):
+    return dict(super().__getitem__(i), metadata=json.dumps({"bpm": 60 + i, "genre": "folk"}))
+
+
+def test_training_stream_merges_metadata_and_restores_alike(tmp_path):
+  """Only the augmented (training) stream merges; the draws survive a checkpoint of the iterator."""
+  c, source = _loader_config(melody=False), _ItemsWithMetadata([30] * 9)
+  c.data.update(caption_merge_p=0.5, caption_drop_description_p=0.5)
+
+  def captions(augment, skip=0, state=None, n=4):
+    rec = _Recorder()
+    it = iter(loader.make_dataset(source, c, rec, augment=augment))
+    if state is not None:
+      it.set_state(state)
+    batches = _batches(it, skip + n)
+    return rec.seen[skip * 4:], it, batches
+
+  plain, _, _ = captions(False)
+  assert all(re.fullmatch(r"item \d", x) for x in plain)
+  merged, _, batches = captions(True)
+  ids = [i for b in batches for i in _ids(b)]
+  changed = [(cap, i) for cap, i in zip(merged, ids) if cap != f"item {i}"]
+  assert 0 < len(changed) < len(merged)
+  for cap, i in changed:
+    assert set(cap.split(", ")) - {f"item {i}"} == {f"{60 + i} bpm", "folk"}
+  _, it, _ = captions(True, n=2)
+  resumed, _, _ = captions(True, state=it.get_state(), n=2)
+  assert resumed == merged[8:]
+
+
+def test_caption_settings_are_checked_and_leave_the_token_cache_alone(tmp_path):
+  from musicgen_jax.training import loop
+  c = _loader_config()
+  before = loader._pointer(c, str(tmp_path))
+  c.data.update(caption_merge_p=0.3, caption_attributes=("bpm",))
+  assert loader._pointer(c, str(tmp_path)) == before            # read-time: the same cache
+  c.data.caption_drop_attribute_p = 1.5
+  with pytest.raises(ValueError, match="caption_drop_attribute_p must be a probability"):
+    loop.check_config(c)
+  c.data.update(caption_drop_attribute_p=0.0, caption_attributes=("bpm", ""))
+  with pytest.raises(ValueError, match="caption_attributes must be a list"):
+    loop.check_config(c)
+
+
+def test_word_vocabulary_holds_the_merged_metadata_words(env, cache, tmp_path):
+  from musicgen_jax.conditioners.tokenizer import UNK_ID, TextTokenizer
+  from musicgen_jax.training.lm_task import LMTask
+  c = ml_collections.ConfigDict(env["config"].to_dict())
+  c.text.update(tokenizer="words", num_layers=0)
+  c.data.caption_merge_p = 0.2
+  task = LMTask(c, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  task._fit_words(str(tmp_path), {"cache": cache[0]})
+  tok = TextTokenizer.from_file(str(tmp_path / checkpoint.TOKENIZER_FILE))
+  bpms = [json.loads(it["metadata"])["bpm"] for it in _items(cache[0], "train")]
+  assert bpms and (tok([f"{b} bpm" for b in bpms])["input_ids"] != UNK_ID).all()
+  assert "bpm" not in " ".join(it["caption"].decode() for it in _items(cache[0], "train"))
+
+
+def test_only_the_training_split_merges_metadata(monkeypatch):
+  seen = []
+  monkeypatch.setattr(loader, "_source", lambda config, split, workdir: split)
+  monkeypatch.setattr(loader, "make_dataset",
+                      lambda source, *a, augment, **k: seen.append((source, augment)) or [])
+  for split in loader.SPLITS:
+    loader.make_iterator(_loader_config(), split, None, workdir="")
+  assert seen == [("train", True), ("validation", False)]

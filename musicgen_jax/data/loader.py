@@ -11,7 +11,8 @@
                   num_epochs=) -> a grain DatasetIterator (get_state / set_state; grain's Orbax
                   handler saves it) of per-process batches (see make_iterator).
 
-One global stream per split: shuffle (seeded, a new order each epoch) -> repeat -> crop (at a
+One global stream per split: shuffle (seeded, a new order each epoch) -> repeat -> (training split,
+with data.caption_merge_p > 0) metadata merged into captions (MergeAttributes) -> crop (at a
 position that hashes the seed and the stream position, so a restored iterator crops alike) ->
 global batches of train.batch_size, of which process p takes rows [p * b, (p + 1) * b),
 b = batch_size / processes.
@@ -66,7 +67,8 @@ def _cache_root(config, workdir: str) -> str:
 def _pointer(config, workdir: str) -> str:
   """Where prepare_data records the token cache of this config's data settings."""
   fields = {"data": {k: v for k, v in config.data.to_dict().items()
-                     if k not in ("num_workers", "prefetch", "encode_batch_size")},
+                     if k not in ("num_workers", "prefetch", "encode_batch_size")
+                     and not k.startswith("caption_")},   # read-time settings: the same cache
             "codec": config.codec.to_dict(), "init_from": config.get("init_from", ""),
             "model": {k: config.model[k] for k in ("num_codebooks", "card", "melody")},
             "segment_seconds": config.train.segment_seconds}
@@ -177,7 +179,8 @@ class SyntheticSource:
 
 
 class TokenSource:
-  """Random access to one split of a token cache: {'codes' [K, F], 'caption', ['chroma' [Fc]]}.
+  """Random access to one split of a token cache: {'codes' [K, F], 'caption', 'metadata' (JSON
+  text), ['chroma' [Fc]]}.
 
   Reads the TFDS dataset's ArrayRecord files with grain's ArrayRecordDataSource and decodes each
   tf.train.Example directly (np.frombuffer of the byte features; dtypes and K from the dataset's
@@ -205,6 +208,8 @@ class TokenSource:
     item = {"codes": np.frombuffer(f["codes"].bytes_list.value[0], self.codes_dtype).reshape(
                 self.num_codebooks, -1),
             "caption": f["caption"].bytes_list.value[0].decode("utf-8")}
+    if "metadata" in f:
+      item["metadata"] = f["metadata"].bytes_list.value[0].decode("utf-8")
     if self.melody:
       item["chroma"] = np.frombuffer(f["chroma"].bytes_list.value[0], np.uint8)
     return item
@@ -261,6 +266,90 @@ class EpochShuffle(grain.MapDataset):
 
   def __str__(self) -> str:
     return f"EpochShuffle(seed={self._seed})"
+
+
+def attribute_phrases(metadata, fields: tuple[str, ...]) -> list[str]:
+  """The metadata's `fields` as caption phrases, in `fields` order: bpm '72 bpm', moods (a list)
+  'calm, dreamy', the others as they are ('G major', 'jazz', 'flute'). Missing, empty or malformed
+  values (a bpm that is not a positive number) give no phrase. `metadata`: a dict or its JSON."""
+  if isinstance(metadata, (bytes, str)):
+    try:
+      metadata = json.loads(metadata) if metadata else {}
+    except ValueError:
+      return []
+  if not isinstance(metadata, dict):
+    return []
+  out = []
+  for name in fields:
+    value = metadata.get(name)
+    if name == "bpm":
+      try:
+        bpm = float(value)
+      except (TypeError, ValueError):
+        continue
+      if math.isfinite(bpm) and bpm > 0:
+        out.append(f"{round(bpm)} bpm")
+      continue
+    if isinstance(value, (list, tuple)):
+      value = ", ".join(str(v).strip() for v in value if str(v).strip())
+    value = "" if value is None or isinstance(value, (dict, bool)) else str(value).strip()
+    if value:
+      out.append(value)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeAttributes(grain.transforms.MapWithIndex):
+  """Training captions with the item's metadata merged in (audiocraft's merge_text_p, drop_desc_p
+  and drop_other_p): with probability `merge_p` the phrases of attribute_phrases(metadata, fields),
+  each kept with probability 1 - drop_attribute_p, follow the caption in a random order, and with
+  probability `drop_description_p` they replace it. A prompt that names an attribute alone, or with
+  few others, makes reading that attribute pay off on its own; and a manifest's bpm, key, genre,
+  moods and instrument reach the model even where the descriptions leave them out. The draws are a
+  function of (seed, stream position), so a restored iterator draws alike; an item whose phrases
+  all drop keeps its caption."""
+  merge_p: float
+  drop_description_p: float
+  drop_attribute_p: float
+  fields: tuple[str, ...]
+  seed: int = 0
+
+  def map_with_index(self, index: int, item: dict) -> dict:
+    rng = np.random.default_rng([self.seed, 0x6361706E, int(index)])
+    if not self.merge_p or rng.random() >= self.merge_p:
+      return item
+    phrases = [x for x in attribute_phrases(item.get("metadata"), self.fields)
+               if rng.random() >= self.drop_attribute_p]
+    if not phrases:
+      return item
+    phrases = [phrases[i] for i in rng.permutation(len(phrases))]
+    caption = _text(item["caption"]).strip()
+    if caption and rng.random() >= self.drop_description_p:
+      phrases.insert(0, caption)
+    return dict(item, caption=", ".join(phrases))
+
+
+def merge_attributes(config) -> MergeAttributes | None:
+  """The MergeAttributes of config.data's caption_* settings, or None when merging is off."""
+  d = config.data
+  merge_p = float(d.get("caption_merge_p", 0.0))
+  if merge_p <= 0:
+    return None
+  return MergeAttributes(merge_p, float(d.get("caption_drop_description_p", 0.0)),
+                         float(d.get("caption_drop_attribute_p", 0.0)),
+                         tuple(d.get("caption_attributes", ())), seed=int(config.train.seed))
+
+
+def check_caption_settings(data) -> None:
+  """One line for a caption_* setting out of range."""
+  for name in ("caption_merge_p", "caption_drop_description_p", "caption_drop_attribute_p"):
+    value = data.get(name, 0.0)
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+      raise ValueError(f"data.{name} must be a probability in [0, 1], got {value!r}")
+  fields = data.get("caption_attributes", ())
+  if isinstance(fields, str) or not all(isinstance(f, str) and f for f in fields):
+    raise ValueError("data.caption_attributes must be a list of metadata field names, e.g. "
+                     f"\"key,bpm,genre\", got {fields!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,8 +464,10 @@ def _source(config, split: str, workdir: str):
 
 
 def make_dataset(source, config, tokenizer, *, process_index: int = 0, process_count: int = 1,
-                 shuffle: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
-  """The grain pipeline over a random-access `source` of items (see the module docstring)."""
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 augment: bool = False) -> grain.IterDataset:
+  """The grain pipeline over a random-access `source` of items (see the module docstring);
+  `augment` (the training split) merges metadata into captions as data.caption_* say."""
   t, d = config.train, config.data
   global_batch = int(t.batch_size)
   if global_batch % process_count:
@@ -396,6 +487,9 @@ def make_dataset(source, config, tokenizer, *, process_index: int = 0, process_c
   if shuffle:
     ds = EpochShuffle(ds, seed)
   ds = ds.repeat(num_epochs)
+  merge = merge_attributes(config) if augment else None
+  if merge is not None:
+    ds = ds.map_with_index(merge)
   ds = ds.map_with_index(crop)
   ds = ProcessRows(ds, global_batch, process_index, process_count,
                    crop.padding(int(config.model.num_codebooks)))
@@ -427,7 +521,8 @@ def make_iterator(config, split: str, tokenizer, *, workdir: str, process_index:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   source = _source(config, split, workdir)
   return iter(make_dataset(source, config, tokenizer, process_index=process_index,
-                           process_count=process_count, shuffle=shuffle, num_epochs=num_epochs))
+                           process_count=process_count, shuffle=shuffle, num_epochs=num_epochs,
+                           augment=split == "train"))
 
 
 def measure_throughput(config, workdir: str, seconds: float = 10.0, tokenizer=None,

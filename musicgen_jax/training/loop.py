@@ -77,6 +77,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
   if not t.segment_seconds > 0:
     raise ValueError(f"train.segment_seconds must be > 0, got {t.segment_seconds}")
+  if config.get("data") is not None:
+    from musicgen_jax.data import loader
+    loader.check_caption_settings(config.data)
   from musicgen_jax.eval import hook
   hook.check(config)
 
