@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from musicgen_jax import cli, pipeline, sharding
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/musicgen.py:tiny",
+_CONFIG = config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG,
                                           "A config for a randomly initialised model (smoke runs); "
                                           "only without --checkpoint.")
 flags.DEFINE_string("checkpoint", None, "Model directory (train.py output or an imported checkpoint); "

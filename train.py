@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from musicgen_jax import cli
 from musicgen_jax.training import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/musicgen.py:tiny", "Training config.")
+_CONFIG = config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Training config.")
 flags.DEFINE_string("workdir", "runs/tiny", "Where checkpoints, metrics and the config are written.")
 FLAGS = flags.FLAGS
 

@@ -271,8 +271,10 @@ def setup_compilation_cache(directory: str | None) -> str | None:
   return directory
 
 
-SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
-                             "demo")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_MODEL = os.path.join(REPO_ROOT, "models", "demo")
+# The scripts' default --config, found from any working directory.
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "musicgen.py") + ":tiny"
 
 
 _RESTORE_SHIPPED = ("restore it with `git checkout -- models/demo`, retrain it with the command in "

@@ -173,6 +173,21 @@ def test_sample_without_checkpoint_uses_the_shipped_model(sample, tmp_path, capl
   assert np.all(np.isfinite(audio)) and 1e-3 < float(np.sqrt(np.mean(audio ** 2))) < 0.9
 
 
+def test_scripts_run_from_any_working_directory(tmp_path):
+  """sample.py and train.py find their default config beside themselves, not in the caller's
+  directory (bad input here, so each stops with its own one-line message right after parsing)."""
+  import subprocess
+  import sys
+  from tests.conftest import ROOT
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  got = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--prompt", "a", "--prompt",
+                        "b", "--out", "x.wav"], cwd=tmp_path, capture_output=True, text=True, env=env)
+  assert got.returncode == 2 and "names one WAV file but there are 2 prompts" in got.stderr, got.stderr
+  got = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config.train.batch_size=0"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env)
+  assert got.returncode != 0 and "train.batch_size must be an integer >= 1" in got.stderr, got.stderr
+
+
 def test_out_names_one_wav_file_only_for_one_prompt(sample, tmp_path):
   rc, _, err = sample("--prompt", "a", "--prompt", "b", "--out", str(tmp_path / "x.wav"))
   assert rc == 2 and "names one WAV file but there are 2 prompts" in err
