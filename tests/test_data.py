@@ -555,7 +555,7 @@ def test_merged_captions_follow_their_probabilities_and_the_stream_position():
   assert 0.42 < np.mean(half) < 0.58
   again = [merge(0.5).map_with_index(i, item) is not item for i in range(400)]
   assert half == again                                          # a function of the position
-  assert merge(1.0).map_with_index(7, dict(item, caption="")) ["caption"].split(", ")[0] in phrases
+  assert merge(1.0).map_with_index(7, dict(item, caption=""))["caption"].split(", ")[0] in phrases
 
 
 class _Recorder:

@@ -316,7 +316,7 @@ class MergeAttributes(grain.transforms.MapWithIndex):
 
   def map_with_index(self, index: int, item: dict) -> dict:
     rng = np.random.default_rng([self.seed, 0x6361706E, int(index)])
-    if not self.merge_p or rng.random() >= self.merge_p:
+    if rng.random() >= self.merge_p:
       return item
     phrases = [x for x in attribute_phrases(item.get("metadata"), self.fields)
                if rng.random() >= self.drop_attribute_p]

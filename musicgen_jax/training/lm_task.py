@@ -139,12 +139,13 @@ class LMTask:
                        f"captions of audio data; data.kind={self.config.data.kind!r} has none")
     if jax.process_index() == 0:
       source = loader.TokenSource(counts["cache"], "train")
-      items = [source[i] for i in range(len(source))]
-      texts = [item["caption"] for item in items]
       merge = loader.merge_attributes(self.config)
-      if merge is not None:   # the words that merged metadata brings are in the vocabulary too
-        texts += [", ".join(loader.attribute_phrases(item.get("metadata"), merge.fields))
-                  for item in items]
+      texts = []
+      for i in range(len(source)):   # one item at a time: only the texts are kept, not the codes
+        item = source[i]
+        texts.append(item["caption"])
+        if merge is not None:   # the words that merged metadata brings are in the vocabulary too
+          texts.append(", ".join(loader.attribute_phrases(item.get("metadata"), merge.fields)))
       fit_word_tokenizer(texts, path + ".tmp")
       os.replace(path + ".tmp", path)
     else:
