@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from musicgen_jax.data import render
 from musicgen_jax.eval import classifier, control
@@ -52,7 +53,7 @@ def test_prompt_sets_change_only_their_attribute():
   for i, bpm in enumerate(tempo["truth"]):
     assert tempo["named"][i].endswith(f"{bpm} bpm") and not tempo["removed"][i].endswith("bpm")
     other = int(tempo["changed"][i].rsplit(", ", 1)[1].split()[0])
-    assert abs(other / bpm - 1) > 0.3
+    assert abs(other / bpm - 1) > 0.3 and tempo["changed_bpm"][i] == other
   fams = {name: fam for _, name, fam, _, _ in render.INSTRUMENTS}
   for i, fam in enumerate(family["truth"]):
     inst = family["changed"][i].split(" on ")[1].split(",")[0]
@@ -93,6 +94,14 @@ def test_estimates_of_a_set_of_clips_are_summarised_and_matched():
                            "tempo": {"ceiling_real_audio": 1.0, "ceiling_through_codec": 1.0,
                                      "named": 0.2, "estimates": {"named": control.spread("tempo", bpm)}}}}
   text = control.markdown(result)
+  assert "Spearman" not in text                    # control.json files from before the measure
+  result["attributes"]["tempo"]["rank_correlation"] = control.rank_correlation(
+      [60, 90, 120, 150, 80], bpm)     # 80 bpm estimated as 180: rho = 1 - 6 * 12 / (5 * 24)
+  result["attributes"]["tempo"]["rank_correlation_real_audio"] = control.rank_correlation(bpm, bpm)
+  text = control.markdown(result)
+  assert "over the 5 'named' and 'changed' clips: Spearman's rank correlation 0.40 (one-sided " \
+         "p = 0.25); the true tempo of the 5 held-out renderings against the estimate: 1.00." in text
+  assert control.rank_correlation([150, 120, 90, 60, 30], bpm)["spearman"] == pytest.approx(-1.0)
   assert "key estimator made of the clips of the 'named' prompts: 2 distinct, the most common " \
          "G major 2, C major 1." in text
   assert "120 bpm in the median, quartiles 90 and 150" in text

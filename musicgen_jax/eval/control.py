@@ -15,7 +15,10 @@ attribute left out ("removed"; not for the instrument, which every corpus captio
 attribute is estimated from each generated clip (key: chroma profiles; tempo: librosa's beat tracker
 within 8%, half and double accepted; family: a classifier trained on the corpus) and compared with
 the value of the named prompt. A model that follows its prompts matches far more often when named
-than changed or removed. The same estimators on the corpus's held-out test renderings, and on what
+than changed or removed. For the tempo, the rank correlation between the bpm the prompt names
+and the estimate, over the 'named' and 'changed' clips, shows a rough following that has not yet
+reached the 8% tolerance; the tracker's octave errors (a 6/8 tune followed in eighths) weaken it,
+on real recordings too, whose figure is given beside it. The same estimators on the corpus's held-out test renderings, and on what
 the model's codec makes of them, give the ceilings: how often they are right on real audio, and on
 the audio a perfect LM would generate through this codec. The family classifier learns from codec
 reconstructions as well as clean renderings (a classifier of clean audio alone places codec audio
@@ -259,7 +262,7 @@ def attribute_prompts(n: int, rng: np.random.Generator) -> dict[str, dict]:
     rows.append(dict(what=WHAT[rng.integers(len(WHAT))], key=KEYS[rng.integers(len(KEYS))],
                      inst=insts[rng.integers(len(insts))], bpm=int(rng.integers(60, 151))))
   key = {"truth": [], "named": [], "changed": [], "removed": []}
-  tempo = {"truth": [], "named": [], "changed": [], "removed": []}
+  tempo = {"truth": [], "named": [], "changed": [], "removed": [], "changed_bpm": []}
   family = {"truth": [], "named": [], "changed": []}
   for r in rows:
     (pc, mode), (inst, fam), bpm, what = r["key"], r["inst"], r["bpm"], r["what"]
@@ -272,6 +275,7 @@ def attribute_prompts(n: int, rng: np.random.Generator) -> dict[str, dict]:
     tempo["truth"].append(bpm)
     tempo["named"].append(_prompt(what, k, inst, t))
     tempo["changed"].append(_prompt(what, k, inst, f"{other} bpm"))
+    tempo["changed_bpm"].append(other)
     tempo["removed"].append(_prompt(what, k, inst, ""))
     others = [i for i in insts if i[1] != fam]
     o = others[rng.integers(len(others))]
@@ -305,6 +309,15 @@ def matches(attr: str, estimates: list, truth: list) -> list[bool]:
   if attr == "tempo":
     return [attributes.tempo_matches(e, bpm) for e, bpm in zip(estimates, truth)]
   return [e == t for e, t in zip(estimates, truth)]
+
+
+def rank_correlation(prompted_bpm: list, estimates: list) -> dict:
+  """Does the estimated tempo rise with the tempo the prompt names? Spearman's rank correlation
+  over clips, with its one-sided p-value (no tolerance and no octave folding: a model that follows
+  its prompts only roughly shows it here before its clips land within 8%)."""
+  from scipy import stats
+  rho, p = stats.spearmanr(prompted_bpm, estimates, alternative="greater")
+  return {"spearman": float(rho), "p_value": float(p), "clips": len(estimates)}
 
 
 def spread(attr: str, estimates: list, top: int = 3) -> dict:
@@ -349,21 +362,31 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
   truth = {"key": [(_pc(e["key_tonic"]), e["key_mode"]) for e in test],
            "tempo": [e["bpm"] for e in test], "family": [e["family"] for e in test]}
   through_codec = roundtrip(real)
-  ceiling = {attr: [float(np.mean(matches(attr, estimate(attr, clips, sr, clf), truth[attr])))
-                    for clips in (real, through_codec)] for attr in truth}
+  real_estimates = {attr: [estimate(attr, clips, sr, clf) for clips in (real, through_codec)]
+                    for attr in truth}
+  ceiling = {attr: [float(np.mean(matches(attr, found, truth[attr]))) for found in both]
+             for attr, both in real_estimates.items()}
   result = {"samples": samples, "duration": duration, "seed": seed, "classifier": clf_info,
             "real_test_renderings": len(test), "sampling": dataclasses.asdict(settings),
             "attributes": {}}
   for attr, sets in attribute_prompts(samples, rng).items():
     row = {"ceiling_real_audio": ceiling[attr][0], "ceiling_through_codec": ceiling[attr][1]}
+    prompted, estimated = [], []
     for variant in ("named", "changed", "removed"):
       if variant in sets:
         clips = _generate(model, sets[variant], duration, seed, settings=settings)
         found = estimate(attr, clips, sr, clf)
         row[variant] = float(np.mean(matches(attr, found, sets["truth"])))
         row.setdefault("estimates", {})[variant] = spread(attr, found)
+        if attr == "tempo" and variant in ("named", "changed"):
+          prompted += sets["truth"] if variant == "named" else sets["changed_bpm"]
+          estimated += found
+    if attr == "tempo":
+      row["rank_correlation"] = rank_correlation(prompted, estimated)
+      row["rank_correlation_real_audio"] = rank_correlation(truth["tempo"],
+                                                            real_estimates["tempo"][0])
     result["attributes"][attr] = row
-    log(f"{attr}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "estimates"))
+    log(f"{attr}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
   if model.lm_cfg.melody:
     from musicgen_jax.conditioners import melody as melody_lib
     pick = rng.permutation(len(test))[:samples]
@@ -459,6 +482,13 @@ def markdown(result: dict) -> str:
     if "estimates" in row:           # control.json files written before 2026-11-27 lack them
       lines.append(f"What the {attr} estimator made of the clips of the 'named' prompts: "
                    f"{_spread_text(row['estimates']['named'])}.")
+  tempo = result["attributes"].get("tempo", {})
+  if "rank_correlation" in tempo:    # older control.json files lack it
+    rc, real = tempo["rank_correlation"], tempo["rank_correlation_real_audio"]
+    lines.append(f"Tempo named in the prompt against the tempo estimated from the clip, over the "
+                 f"{rc['clips']} 'named' and 'changed' clips: Spearman's rank correlation "
+                 f"{rc['spearman']:.2f} (one-sided p = {rc['p_value']:.2g}); the true tempo of the "
+                 f"{real['clips']} held-out renderings against the estimate: {real['spearman']:.2f}.")
   c = result["classifier"]
   lines.append(f"Family classifier: {c['test_accuracy']:.2f} accuracy on {c['test_clips']} held-out "
                f"clips and {c.get('test_accuracy_through_codec', float('nan')):.2f} on their codec "
