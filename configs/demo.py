@@ -17,7 +17,8 @@ if interrupted; models/demo/TRAINING.md records the runs that made the shipped w
         --config.train.num_steps=3000 && \
     python train.py --config configs/demo.py:lm_cross --workdir runs/demo-lm-cross \
         --config.train.num_steps=5400 && \
-    python -m musicgen_jax.export runs/demo-lm-cross models/demo --dtype bfloat16 --overwrite
+    python train.py --config configs/demo.py:lm_merge --workdir runs/demo-lm-merge && \
+    python -m musicgen_jax.export runs/demo-lm-merge models/demo --dtype bfloat16 --overwrite
 
 codec      EnCodec geometry at 32 kHz mono, hop 640 (50 Hz frames), 4 codebooks of 512, 16 base
            filters, 64-dim latents, one LSTM layer (configs/codec.py:demo), 3,000 steps with the L1,
@@ -57,7 +58,13 @@ lm_cross   that LM reading its text by cross-attention in every layer instead of
            (64 min on this CPU), then continued twice as the lm stage was (warm restarts: steps
            1500-3000 of a 3000-step cosine, then 3000-5400 of a 5400-step one, starting at 0.51
            and 0.42 of the peak), because the instrument and the key were still being learnt (the
-           held-out CE and the condition gain still improving; 3 h 40 min in all): the shipped LM.
+           held-out CE and the condition gain still improving; 3 h 40 min in all).
+lm_merge   that LM on captions merged with the corpus's metadata: 30% of the training captions get
+           the rendering's key, bpm and instrument, half of those alone ("G minor, 78 bpm,
+           trumpet"), so that the key and tempo are sometimes all a caption says. A fresh schedule
+           (learning rate 5e-4, 1500 steps, 68 min): the held-out CE fell 0.12 below where the one
+           before had flattened and the melody is followed far more (chroma 0.39 against 0.23);
+           the key and the tempo are read no more than before: the shipped LM.
 """
 from __future__ import annotations
 
@@ -71,7 +78,8 @@ CODEC_DIR = "runs/demo-codec"    # the codec run's work directory (the lm run's 
 ADV_CODEC_DIR = "runs/demo-codec-adv"   # its adversarial fine-tune (lm_final's codec)
 LM_DIR, WORDS_DIR = "runs/demo-lm", "runs/demo-lm-words"   # where lm_words and lm_final start
 FINAL_DIR = "runs/demo-lm-final"                          # where lm_cross starts
-VARIANTS = ("codec", "codec_adv", "lm", "lm_words", "lm_final", "lm_cross")
+CROSS_DIR = "runs/demo-lm-cross"                          # where lm_merge starts
+VARIANTS = ("codec", "codec_adv", "lm", "lm_words", "lm_final", "lm_cross", "lm_merge")
 
 
 def _data(c: ConfigDict) -> None:
@@ -114,5 +122,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
   elif variant == "lm_cross":
     c.init_from, c.init_fresh, c.data.codec = FINAL_DIR, "cross", ADV_CODEC_DIR
     c.model.text_conditioning = "cross"
+    c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1500, eval_every=250)
+  elif variant == "lm_merge":
+    c.init_from, c.data.codec = CROSS_DIR, ADV_CODEC_DIR
+    c.model.text_conditioning = "cross"
+    c.data.update(caption_merge_p=0.3, caption_drop_description_p=0.5,
+                  caption_attributes=("key", "bpm", "instrument"))
     c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1500, eval_every=250)
   return c

@@ -36,8 +36,8 @@ def test_demo_configs_agree_with_each_other():
   assert lm.data.cache_dir == codec.data.cache_dir and lm.data.corpus == codec.data.corpus == "demo"
   assert lm.data.codec == demo.CODEC_DIR
   # The chain of runs: each starts where the one before it wrote its work directory.
-  adv, words, final, cross = (demo.get_config(v)
-                               for v in ("codec_adv", "lm_words", "lm_final", "lm_cross"))
+  adv, words, final, cross, merge = (demo.get_config(v) for v in
+                                      ("codec_adv", "lm_words", "lm_final", "lm_cross", "lm_merge"))
   assert adv.init_from == demo.CODEC_DIR and adv.codec.to_dict() == codec.codec.to_dict()
   assert adv.codec_train.losses.adv > 0 and adv.codec_train.losses.feat > 0
   assert words.init_from == demo.LM_DIR and words.init_fresh == "text"
@@ -45,10 +45,13 @@ def test_demo_configs_agree_with_each_other():
   assert final.init_from == demo.WORDS_DIR and final.data.codec == demo.ADV_CODEC_DIR
   assert cross.init_from == demo.FINAL_DIR and cross.data.codec == demo.ADV_CODEC_DIR
   assert cross.init_fresh == "cross" and cross.model.text_conditioning == "cross"
-  for c in (adv, words, final, cross):
+  assert merge.init_from == demo.CROSS_DIR and not merge.init_fresh
+  assert merge.model.to_dict() == cross.model.to_dict() and merge.text.to_dict() == cross.text.to_dict()
+  assert merge.data.caption_merge_p > 0 and cross.data.caption_merge_p == 0
+  for c in (adv, words, final, cross, merge):
     loop.check_config(c)
   with pytest.raises(ValueError, match="use one of codec, codec_adv, lm, lm_words, lm_final, "
-                     "lm_cross"):
+                     "lm_cross, lm_merge"):
     demo.get_config("nope")
 
 
