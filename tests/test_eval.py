@@ -104,6 +104,12 @@ def test_estimates_of_a_set_of_clips_are_summarised_and_matched():
   assert control.rank_correlation([150, 120, 90, 60, 30], bpm)["spearman"] == pytest.approx(-1.0)
   assert "key estimator made of the clips of the 'named' prompts: 2 distinct, the most common " \
          "G major 2, C major 1." in text
+  key_row = result["attributes"]["key"]
+  key_row["estimates"].update(real_audio=control.spread("key", keys[2:]),
+                              through_codec=control.spread("key", keys[:2]))
+  assert "the most common G major 2, C major 1; of the held-out renderings: 1 distinct, the most " \
+         "common C major 1; of their codec reconstructions: 1 distinct, the most common G major 2." \
+         in control.markdown(result)
   assert "120 bpm in the median, quartiles 90 and 150" in text
 
 

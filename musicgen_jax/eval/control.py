@@ -24,7 +24,8 @@ the audio a perfect LM would generate through this codec. The family classifier 
 reconstructions as well as clean renderings (a classifier of clean audio alone places codec audio
 by its artefacts). Beside each share, control.json keeps what the estimator made of the clips (the
 most common keys and families, the tempo's quartiles): samples that all sound alike show one value
-whatever the prompt.
+whatever the prompt. The same for the held-out renderings and their codec reconstructions shows a
+lean that the codec itself gives (e.g. toward one key).
 
 Likelihood: the held-out renderings' codes, teacher-forced, under their own caption and under the
 caption with one attribute changed (and another melody, and no condition). This needs no sampling
@@ -370,14 +371,16 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
             "real_test_renderings": len(test), "sampling": dataclasses.asdict(settings),
             "attributes": {}}
   for attr, sets in attribute_prompts(samples, rng).items():
-    row = {"ceiling_real_audio": ceiling[attr][0], "ceiling_through_codec": ceiling[attr][1]}
+    row = {"ceiling_real_audio": ceiling[attr][0], "ceiling_through_codec": ceiling[attr][1],
+           "estimates": {"real_audio": spread(attr, real_estimates[attr][0]),
+                         "through_codec": spread(attr, real_estimates[attr][1])}}
     prompted, estimated = [], []
     for variant in ("named", "changed", "removed"):
       if variant in sets:
         clips = _generate(model, sets[variant], duration, seed, settings=settings)
         found = estimate(attr, clips, sr, clf)
         row[variant] = float(np.mean(matches(attr, found, sets["truth"])))
-        row.setdefault("estimates", {})[variant] = spread(attr, found)
+        row["estimates"][variant] = spread(attr, found)
         if attr == "tempo" and variant in ("named", "changed"):
           prompted += sets["truth"] if variant == "named" else sets["changed_bpm"]
           estimated += found
@@ -481,7 +484,11 @@ def markdown(result: dict) -> str:
   for attr, row in result["attributes"].items():
     if "estimates" in row:           # control.json files written before 2026-11-27 lack them
       lines.append(f"What the {attr} estimator made of the clips of the 'named' prompts: "
-                   f"{_spread_text(row['estimates']['named'])}.")
+                   f"{_spread_text(row['estimates']['named'])}" + (
+                       f"; of the held-out renderings: {_spread_text(row['estimates']['real_audio'])}"
+                       f"; of their codec reconstructions: "
+                       f"{_spread_text(row['estimates']['through_codec'])}"
+                       if "through_codec" in row["estimates"] else "") + ".")
   tempo = result["attributes"].get("tempo", {})
   if "rank_correlation" in tempo:    # older control.json files lack it
     rc, real = tempo["rank_correlation"], tempo["rank_correlation_real_audio"]
