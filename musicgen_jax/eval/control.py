@@ -18,9 +18,10 @@ the value of the named prompt. A model that follows its prompts matches far more
 than changed or removed. For the tempo, the rank correlation between the bpm the prompt names
 and the estimate, over the 'named' and 'changed' clips, shows a rough following that has not yet
 reached the 8% tolerance; the tracker's octave errors (a 6/8 tune followed in eighths) weaken it,
-on real recordings too, whose figure is given beside it. The same estimators on the corpus's held-out test renderings, and on what
-the model's codec makes of them, give the ceilings: how often they are right on real audio, and on
-the audio a perfect LM would generate through this codec. The family classifier learns from codec
+on real recordings too, whose figure is given beside it. The same estimators on the corpus's
+held-out test renderings, and on what the model's codec makes of them, give the ceilings: how
+often they are right on real audio, and on the audio a perfect LM would generate through this
+codec. The family classifier learns from codec
 reconstructions as well as clean renderings (a classifier of clean audio alone places codec audio
 by its artefacts). Beside each share, control.json keeps what the estimator made of the clips (the
 most common keys and families, the tempo's quartiles): samples that all sound alike show one value
