@@ -55,6 +55,33 @@ def test_demo_configs_agree_with_each_other():
     demo.get_config("nope")
 
 
+def _recipe_commands(text: str) -> list[str]:
+  """The `python ...` commands of the retraining recipe in `text`: backslash continuations joined,
+  split at '&&'."""
+  joined = " ".join(text.replace("\\\n", " ").split())
+  start = joined.index("python train.py --config configs/demo.py:codec ")
+  end = joined.index("--overwrite", start) + len("--overwrite")
+  return [c.strip() for c in joined[start:end].split("&&")]
+
+
+def test_the_recipe_is_the_same_in_the_config_readme_and_training_record():
+  """The one retraining command appears three times (configs/demo.py's docstring, the README and
+  models/demo/TRAINING.md); all three list the same runs, every variant they name exists, and it
+  ends by exporting the last run's work directory to models/demo."""
+  demo, _ = _configs()
+  copies = [_recipe_commands(open(os.path.join(ROOT, *f.split("/"))).read())
+            for f in ("README.md", "models/demo/TRAINING.md")]
+  ours = _recipe_commands(demo.__doc__)
+  assert all(c == ours for c in copies), [c for c in copies if c != ours]
+  runs = [c.split() for c in ours[:-1]]
+  assert all(r[:3] == ["python", "train.py", "--config"] and r[4] == "--workdir" for r in runs)
+  for r in runs:
+    demo.get_config(r[3].split(":")[1])
+  export_cmd = ours[-1].split()
+  assert export_cmd[:3] == ["python", "-m", "musicgen_jax.export"]
+  assert export_cmd[3] == runs[-1][5] and export_cmd[4] == "models/demo"
+
+
 def test_lm_run_takes_its_codec_from_data_codec(tmp_path):
   """Without init_from, an LM config whose data.codec is a codec run gets that codec's
   architecture (so its work directory is a whole model); an explicit codec.encodec is kept."""
