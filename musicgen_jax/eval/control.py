@@ -375,18 +375,16 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
     row = {"ceiling_real_audio": ceiling[attr][0], "ceiling_through_codec": ceiling[attr][1],
            "estimates": {"real_audio": spread(attr, real_estimates[attr][0]),
                          "through_codec": spread(attr, real_estimates[attr][1])}}
-    prompted, estimated = [], []
+    found = {}
     for variant in ("named", "changed", "removed"):
       if variant in sets:
         clips = _generate(model, sets[variant], duration, seed, settings=settings)
-        found = estimate(attr, clips, sr, clf)
-        row[variant] = float(np.mean(matches(attr, found, sets["truth"])))
-        row["estimates"][variant] = spread(attr, found)
-        if attr == "tempo" and variant in ("named", "changed"):
-          prompted += sets["truth"] if variant == "named" else sets["changed_bpm"]
-          estimated += found
+        found[variant] = estimate(attr, clips, sr, clf)
+        row[variant] = float(np.mean(matches(attr, found[variant], sets["truth"])))
+        row["estimates"][variant] = spread(attr, found[variant])
     if attr == "tempo":
-      row["rank_correlation"] = rank_correlation(prompted, estimated)
+      row["rank_correlation"] = rank_correlation(sets["truth"] + sets["changed_bpm"],
+                                                 found["named"] + found["changed"])
       row["rank_correlation_real_audio"] = rank_correlation(truth["tempo"],
                                                             real_estimates["tempo"][0])
     result["attributes"][attr] = row
