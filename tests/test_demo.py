@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from musicgen_jax import checkpoint, cli, export
+from musicgen_jax.data import corpus
 from musicgen_jax.training import loop
 from tests.conftest import ProgramCount
 
@@ -36,8 +37,9 @@ def test_demo_configs_agree_with_each_other():
   assert lm.data.cache_dir == codec.data.cache_dir and lm.data.corpus == codec.data.corpus == "demo"
   assert lm.data.codec == demo.CODEC_DIR
   # The chain of runs: each starts where the one before it wrote its work directory.
-  adv, words, final, cross, merge = (demo.get_config(v) for v in
-                                      ("codec_adv", "lm_words", "lm_final", "lm_cross", "lm_merge"))
+  adv, words, final, cross, merge, wide = (
+      demo.get_config(v) for v in ("codec_adv", "lm_words", "lm_final", "lm_cross", "lm_merge",
+                                   "lm_wide"))
   assert adv.init_from == demo.CODEC_DIR and adv.codec.to_dict() == codec.codec.to_dict()
   assert adv.codec_train.losses.adv > 0 and adv.codec_train.losses.feat > 0
   assert words.init_from == demo.LM_DIR and words.init_fresh == "text"
@@ -48,10 +50,15 @@ def test_demo_configs_agree_with_each_other():
   assert merge.init_from == demo.CROSS_DIR and not merge.init_fresh
   assert merge.model.to_dict() == cross.model.to_dict() and merge.text.to_dict() == cross.text.to_dict()
   assert merge.data.caption_merge_p > 0 and cross.data.caption_merge_p == 0
-  for c in (adv, words, final, cross, merge):
+  assert wide.init_from == demo.MERGE_DIR and wide.model.to_dict() == merge.model.to_dict()
+  assert wide.data.codec == demo.ADV_CODEC_DIR and wide.data.cache_dir != merge.data.cache_dir
+  assert wide.data.corpus_options["renderings"] > corpus.PRESETS["demo"]["renderings"]
+  assert {k: v for k, v in wide.data.to_dict().items() if k.startswith("caption_")} == \
+      {k: v for k, v in merge.data.to_dict().items() if k.startswith("caption_")}
+  for c in (adv, words, final, cross, merge, wide):
     loop.check_config(c)
   with pytest.raises(ValueError, match="use one of codec, codec_adv, lm, lm_words, lm_final, "
-                     "lm_cross, lm_merge"):
+                     "lm_cross, lm_merge, lm_wide"):
     demo.get_config("nope")
 
 
