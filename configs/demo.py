@@ -138,16 +138,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.init_from, c.init_fresh, c.data.codec = FINAL_DIR, "cross", ADV_CODEC_DIR
     c.model.text_conditioning = "cross"
     c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1500, eval_every=250)
-  elif variant == "lm_merge":
+  elif variant in ("lm_merge", "lm_wide"):
     c.init_from, c.data.codec = CROSS_DIR, ADV_CODEC_DIR
     c.model.text_conditioning = "cross"
     c.data.update(caption_merge_p=0.3, caption_drop_description_p=0.5,
                   caption_attributes=("key", "bpm", "instrument"))
     c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1500, eval_every=250)
-  elif variant == "lm_wide":
-    c.init_from, c.data.codec = MERGE_DIR, ADV_CODEC_DIR
-    c.model.text_conditioning = "cross"
-    c.data.update(cache_dir=WIDE_DATA_DIR, corpus_options={"renderings": 5}, caption_merge_p=0.3,
-                  caption_drop_description_p=0.5, caption_attributes=("key", "bpm", "instrument"))
-    c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1500, eval_every=250)
+    if variant == "lm_wide":   # lm_merge's settings, from its run, on the wider corpus
+      c.init_from = MERGE_DIR
+      c.data.update(cache_dir=WIDE_DATA_DIR, corpus_options={"renderings": 5})
   return c

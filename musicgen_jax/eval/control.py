@@ -482,12 +482,13 @@ def markdown(result: dict) -> str:
                  f"{sm['top_p']:g}, CFG {sm['cfg_coef']:g}.")
   for attr, row in result["attributes"].items():
     if "estimates" in row:           # control.json files written before 2026-11-27 lack them
-      lines.append(f"What the {attr} estimator made of the clips of the 'named' prompts: "
-                   f"{_spread_text(row['estimates']['named'])}" + (
-                       f"; of the held-out renderings: {_spread_text(row['estimates']['real_audio'])}"
-                       f"; of their codec reconstructions: "
-                       f"{_spread_text(row['estimates']['through_codec'])}"
-                       if "through_codec" in row["estimates"] else "") + ".")
+      found = row["estimates"]
+      text = (f"What the {attr} estimator made of the clips of the 'named' prompts: "
+              f"{_spread_text(found['named'])}")
+      if "through_codec" in found:   # older ones lack the real-audio spreads
+        text += (f"; of the held-out renderings: {_spread_text(found['real_audio'])}; of their "
+                 f"codec reconstructions: {_spread_text(found['through_codec'])}")
+      lines.append(text + ".")
   tempo = result["attributes"].get("tempo", {})
   if "rank_correlation" in tempo:    # older control.json files lack it
     rc, real = tempo["rank_correlation"], tempo["rank_correlation_real_audio"]
