@@ -78,6 +78,12 @@ lm_wide    that LM on a wider corpus: the same pieces rendered 5 times each inst
            the held-out test recordings' CE fell 0.18 nats and the melody is followed as closely
            as the codec allows (chroma 0.79; its reconstructions 0.77). The key and the tempo are
            still not read: the shipped LM.
+lm_attr    that LM with the melody also dropped alone, from half the training examples
+           (train.melody_dropout, audiocraft's attribute dropout for its melody models). Every run
+           before dropped the text and the melody only together, so text without a melody (what
+           sampling without --melody gives the LM) was never seen in training, and with the melody
+           there, a caption's key and tempo told the LM nothing the melody did not. The same data
+           and captions, a fresh 1500-step schedule at 5e-4.
 """
 from __future__ import annotations
 
@@ -93,8 +99,10 @@ LM_DIR, WORDS_DIR = "runs/demo-lm", "runs/demo-lm-words"   # where lm_words and 
 FINAL_DIR = "runs/demo-lm-final"                          # where lm_cross starts
 CROSS_DIR = "runs/demo-lm-cross"                          # where lm_merge starts
 MERGE_DIR = "runs/demo-lm-merge"                          # where lm_wide starts
+WIDE_DIR = "runs/demo-lm-wide"                            # where lm_attr starts
 WIDE_DATA_DIR = "runs/demo-data-wide"   # the same pieces rendered 5 times each (lm_wide)
-VARIANTS = ("codec", "codec_adv", "lm", "lm_words", "lm_final", "lm_cross", "lm_merge", "lm_wide")
+VARIANTS = ("codec", "codec_adv", "lm", "lm_words", "lm_final", "lm_cross", "lm_merge", "lm_wide",
+            "lm_attr")
 
 
 def _data(c: ConfigDict) -> None:
@@ -122,8 +130,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.codec.update(sample_rate=32000, frame_rate=50, channels=1)
   c.sampling.update(duration=8.0)
   c.train.update(batch_size=8, num_steps=500, learning_rate=1e-3, warmup_steps=50,
-                 segment_seconds=8.0, cond_dropout=0.2, log_every=25, eval_every=250,
-                 eval_batches=4, checkpoint_every=100, keep_checkpoints=2)
+                 segment_seconds=8.0, cond_dropout=0.2, melody_dropout=0.0, log_every=25,
+                 eval_every=250, eval_batches=4, checkpoint_every=100, keep_checkpoints=2)
   _data(c)
   c.data.codec = CODEC_DIR
   if variant == "lm_words":
@@ -138,13 +146,15 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.init_from, c.init_fresh, c.data.codec = FINAL_DIR, "cross", ADV_CODEC_DIR
     c.model.text_conditioning = "cross"
     c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1500, eval_every=250)
-  elif variant in ("lm_merge", "lm_wide"):
+  elif variant in ("lm_merge", "lm_wide", "lm_attr"):
     c.init_from, c.data.codec = CROSS_DIR, ADV_CODEC_DIR
     c.model.text_conditioning = "cross"
     c.data.update(caption_merge_p=0.3, caption_drop_description_p=0.5,
                   caption_attributes=("key", "bpm", "instrument"))
     c.train.update(learning_rate=5e-4, warmup_steps=50, num_steps=1500, eval_every=250)
-    if variant == "lm_wide":   # lm_merge's settings, from its run, on the wider corpus
-      c.init_from = MERGE_DIR
+    if variant in ("lm_wide", "lm_attr"):   # lm_merge's settings on the wider corpus
+      c.init_from = MERGE_DIR if variant == "lm_wide" else WIDE_DIR
       c.data.update(cache_dir=WIDE_DATA_DIR, corpus_options={"renderings": 5})
+    if variant == "lm_attr":   # and the melody dropped alone from half the examples
+      c.train.melody_dropout = 0.5
   return c

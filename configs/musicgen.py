@@ -54,12 +54,16 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # max_steps_ahead: dispatched steps the host lets run unfinished (0 = unbounded); 2 keeps the devices
   # fed and bounds how late a stop signal or preemption notice is acted on. stop_at: the step to stop
   # at (0 = num_steps), while the schedule stays num_steps' (a run cut short, reproducibly).
+  # cond_dropout: the fraction of examples that lose every condition (for classifier-free
+  # guidance); melody_dropout (melody models): the fraction of the others that lose the melody
+  # alone, as audiocraft's MusicGen-Melody recipe does (0.5), so that text without a melody is
+  # learnt too.
   c.train = ConfigDict(dict(
       seed=0, batch_size=32, num_steps=100_000, stop_at=0, learning_rate=1e-4, warmup_steps=2000,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, grad_accum=1, ema_decay=0.0, freeze=(),
-      cond_dropout=0.2, segment_seconds=30.0, log_every=100, eval_every=1000, eval_batches=0,
-      checkpoint_every=1000, keep_checkpoints=3, keep_best=True, async_checkpoints=True,
-      checksums=True, progress=True, generate_every=0, max_steps_ahead=2))
+      cond_dropout=0.2, melody_dropout=0.5, segment_seconds=30.0, log_every=100, eval_every=1000,
+      eval_batches=0, checkpoint_every=1000, keep_checkpoints=3, keep_best=True,
+      async_checkpoints=True, checksums=True, progress=True, generate_every=0, max_steps_ahead=2))
   # The generative evaluation (musicgen_jax.eval): clips sampled from held-out captions of the
   # corpus, compared with the real recordings; every train.generate_every steps during training
   # (0 = off; the validation CE runs every eval_every), and by compare_patterns after training.

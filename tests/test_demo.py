@@ -37,9 +37,9 @@ def test_demo_configs_agree_with_each_other():
   assert lm.data.cache_dir == codec.data.cache_dir and lm.data.corpus == codec.data.corpus == "demo"
   assert lm.data.codec == demo.CODEC_DIR
   # The chain of runs: each starts where the one before it wrote its work directory.
-  adv, words, final, cross, merge, wide = (
+  adv, words, final, cross, merge, wide, attr = (
       demo.get_config(v) for v in ("codec_adv", "lm_words", "lm_final", "lm_cross", "lm_merge",
-                                   "lm_wide"))
+                                   "lm_wide", "lm_attr"))
   assert adv.init_from == demo.CODEC_DIR and adv.codec.to_dict() == codec.codec.to_dict()
   assert adv.codec_train.losses.adv > 0 and adv.codec_train.losses.feat > 0
   assert words.init_from == demo.LM_DIR and words.init_fresh == "text"
@@ -55,10 +55,16 @@ def test_demo_configs_agree_with_each_other():
   assert wide.data.corpus_options["renderings"] > corpus.PRESETS["demo"]["renderings"]
   assert {k: v for k, v in wide.data.to_dict().items() if k.startswith("caption_")} == \
       {k: v for k, v in merge.data.to_dict().items() if k.startswith("caption_")}
-  for c in (adv, words, final, cross, merge, wide):
+  # lm_attr: lm_wide's run continued on the same data, with the melody also dropped alone.
+  assert attr.init_from == demo.WIDE_DIR and attr.model.to_dict() == wide.model.to_dict()
+  assert attr.data.to_dict() == wide.data.to_dict()
+  assert attr.train.melody_dropout > 0
+  for c in (lm, words, final, cross, merge, wide):   # the runs made before it had none
+    assert c.train.melody_dropout == 0
+  for c in (adv, words, final, cross, merge, wide, attr):
     loop.check_config(c)
   with pytest.raises(ValueError, match="use one of codec, codec_adv, lm, lm_words, lm_final, "
-                     "lm_cross, lm_merge, lm_wide"):
+                     "lm_cross, lm_merge, lm_wide, lm_attr"):
     demo.get_config("nope")
 
 

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 
 from configs.musicgen import get_config
 from musicgen_jax import checkpoint, sharding as shd
+from musicgen_jax.conditioners import melody as melody_lib
 from musicgen_jax.data import synthetic
 from musicgen_jax.training import loop, workdir as workdir_lib
 from musicgen_jax.training.lm_task import LMTask
@@ -285,6 +286,64 @@ def test_gradient_accumulation_equals_one_big_batch():
   assert err < 2e-6, err
 
 
+def _melody_task(**train):
+  config = get_config("tiny_melody")
+  config.train.update(dict(progress=False, cond_dropout=0.0), **train)
+  return LMTask(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])), config
+
+
+@pytest.mark.parametrize("cond_dropout", [0.0, 0.5])
+def test_melody_dropout_drops_the_melody_alone_per_example(cond_dropout):
+  """train.melody_dropout (audiocraft's attribute dropout of the melody) gives each example either
+  its own melody or the null one of sampling, while its text stays; independently of the dropout of
+  every condition (cond_dropout), whose examples stay as they were. Not at evaluation."""
+  n = 64
+  tasks = {p: _melody_task(cond_dropout=cond_dropout, melody_dropout=p) for p in (0.0, 0.5, 1.0)}
+  task, config = tasks[0.0]
+  batch = _batch(config, range(n))
+  chroma = np.random.default_rng(0).random((n, config.model.chroma_length, 12), np.float32)
+  batch["chroma"] = chroma
+  params = jax.jit(lambda r: __import__("flax").linen.unbox(task.init_state(r)))(jax.random.key(0)).params
+  null = melody_lib.null_chroma(n, config.model.chroma_length)
+  out = {p: t._conditions(params, batch, jax.random.key(3), train=True) for p, (t, _) in tasks.items()}
+  base = out[0.0]
+  text_kept = np.asarray(base.text_mask).any(axis=1)
+  assert text_kept.mean() == (1.0 if cond_dropout == 0 else pytest.approx(0.5, abs=0.15))
+  np.testing.assert_array_equal(np.asarray(base.melody)[text_kept], chroma[text_kept])
+  np.testing.assert_array_equal(np.asarray(base.melody)[~text_kept], null[~text_kept])
+  for p, conds in out.items():
+    # The text and its dropout do not depend on melody_dropout.
+    np.testing.assert_array_equal(np.asarray(conds.text), np.asarray(base.text))
+    np.testing.assert_array_equal(np.asarray(conds.text_mask), np.asarray(base.text_mask))
+    got = np.asarray(conds.melody)
+    own = (got == chroma).all(axis=(1, 2))
+    nulled = (got == null).all(axis=(1, 2))
+    assert (own ^ nulled).all()                 # per example: all of its melody or none
+    assert nulled[~text_kept].all()
+    share = nulled[text_kept].mean()
+    assert share == ({0.0: 0.0, 1.0: 1.0}.get(p) if p != 0.5 else pytest.approx(0.5, abs=0.2))
+  # Evaluation keeps every melody.
+  ev = tasks[1.0][0]._conditions(params, batch, jax.random.key(3), train=False)
+  np.testing.assert_array_equal(np.asarray(ev.melody), chroma)
+
+
+def test_melody_dropout_reaches_the_loss_as_the_null_melody():
+  """With every melody dropped, the training loss is the loss of the batch with the null melody and
+  its text (an independent reference: the evaluation pass on a batch holding null_chroma)."""
+  task, config = _melody_task(melody_dropout=1.0)
+  batch = _batch(config, range(4))
+  batch["chroma"] = np.random.default_rng(1).random((4, config.model.chroma_length, 12), np.float32)
+  params = jax.jit(lambda r: __import__("flax").linen.unbox(task.init_state(r)))(jax.random.key(0)).params
+  rng = jax.random.key(5)
+  dropped = task.token_losses(params, batch, rng, train=True)
+  nulled = dict(batch, chroma=melody_lib.null_chroma(4, config.model.chroma_length))
+  ref = task.token_losses(params, nulled, rng, train=False)
+  kept = task.token_losses(params, batch, rng, train=False)
+  # Exactly: the same operations on the same inputs (a random LM reads the melody only faintly).
+  np.testing.assert_array_equal(np.asarray(dropped[0]), np.asarray(ref[0]))
+  assert not np.array_equal(np.asarray(kept[0]), np.asarray(ref[0]))
+
+
 _SHARDED = r"""
 import json, os, sys, tempfile
 import jax, numpy as np
@@ -362,6 +421,7 @@ def test_sharded_training_matches_one_device_and_restores_across_meshes():
     (dict(mesh=(2, 1, 1)), r"mesh shape \[2, 1, 1\] needs 2 devices, but 1 are available"),
     (dict(batch_size=0), r"train.batch_size must be an integer >= 1"),
     (dict(ema_decay=1.5), r"train.ema_decay must be in \[0, 1\)"),
+    (dict(melody_dropout=1.5), r"train.melody_dropout must be in \[0, 1\], got 1.5"),
     (dict(freeze=("lm/(",)), r"train.freeze pattern 'lm/\(' is not a regular expression"),
     (dict(stop_at=7), r"train.stop_at must be an integer in \[0, train.num_steps=6\]"),
     (dict(init_fresh="text"), r"init_fresh needs init_from"),

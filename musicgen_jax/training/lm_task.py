@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from musicgen_jax import checkpoint, lm as lm_lib, sampling, sharding as shd
+from musicgen_jax.conditioners import melody as melody_lib
 from musicgen_jax.conditioners.dropout import drop_condition
 from musicgen_jax.pipeline import WORD_TOKENIZER, pattern_from_config, text_conditioner_from_config
 from musicgen_jax.training import optim
@@ -168,14 +169,21 @@ class LMTask:
     hidden, mask = self.text.encode(text_params, {"input_ids": batch["input_ids"],
                                                   "attention_mask": batch["attention_mask"]})
     melody = batch.get("chroma")
+    k_text, k_melody = jax.random.split(rng)
+    null_melody = None if melody is None else jnp.asarray(
+        melody_lib.null_chroma(*melody.shape), melody.dtype)
     if train and self.config.train.cond_dropout > 0:
       # Text and melody are dropped together per example (the null condition of sampling).
-      k_text, _ = jax.random.split(rng)
       drop_b = jax.random.uniform(k_text, (hidden.shape[0],)) < self.config.train.cond_dropout
       hidden, mask = drop_condition(k_text, hidden, mask, self.config.train.cond_dropout)
       if melody is not None:
-        null = jnp.zeros_like(melody).at[..., 0].set(1.0)
-        melody = jnp.where(drop_b[:, None, None], null, melody)
+        melody = jnp.where(drop_b[:, None, None], null_melody, melody)
+    if train and melody is not None and self.config.train.melody_dropout > 0:
+      # The melody alone is dropped too, independently (audiocraft's attribute dropout, 0.5 for
+      # its melody models): so the LM also learns text with no melody, the input of sampling
+      # without --melody, where the key and tempo can only come from the text.
+      keep_b = jax.random.uniform(k_melody, (melody.shape[0],)) >= self.config.train.melody_dropout
+      melody = jnp.where(keep_b[:, None, None], melody, null_melody)
     return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody)
 
   @property

@@ -71,8 +71,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("train.eval_every and train.eval_batches must be >= 0 (0 = off / whole split)")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ValueError(f"train.ema_decay must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
-  if not 0.0 <= t.cond_dropout <= 1.0:
-    raise ValueError(f"train.cond_dropout must be in [0, 1], got {t.cond_dropout}")
+  for name in ("cond_dropout", "melody_dropout"):
+    if not 0.0 <= t.get(name, 0.0) <= 1.0:
+      raise ValueError(f"train.{name} must be in [0, 1], got {t[name]}")
   if not t.learning_rate > 0 or not np.isfinite(t.learning_rate):
     raise ValueError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
   if not t.segment_seconds > 0:
