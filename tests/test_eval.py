@@ -132,3 +132,47 @@ def test_control_cli_refuses_bad_input_in_one_line_before_loading(tmp_path, caps
     assert control.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+
+
+class _ReadsTheKeyOnlyWithoutMelody:
+  """A stand-in for the model in control.likelihood: every frame costs 1 nat, 0.1 more with the
+  null melody, and 0.3 more again for a caption other than the recording's own when the melody is
+  the null one (a model that reads the text's key only when no melody gives it)."""
+  sample_rate, frame_rate = 32000, 50.0
+
+  def __init__(self, own_captions):
+    from types import SimpleNamespace
+    self.lm_cfg = SimpleNamespace(melody=True)
+    self.own = set(own_captions)
+
+  def encode_audio(self, audio):
+    return np.zeros((len(audio), 4, int(audio.shape[-1] / self.sample_rate * self.frame_rate)),
+                    np.int32)
+
+  def frame_nll(self, codes, texts, chroma):
+    from musicgen_jax.conditioners import melody as melody_lib
+    null = np.all(chroma == melody_lib.null_chroma(1, chroma.shape[1]), axis=(1, 2))
+    other = np.array([t not in self.own for t in texts])
+    per_item = 1.0 + 0.1 * null + 0.3 * (null & other)
+    frames = codes.shape[-1]
+    return np.repeat(per_item[:, None], frames, axis=1) * 4, np.full((frames,), 4)
+
+
+def test_likelihood_scores_the_text_also_without_the_melody():
+  """For a melody model each attribute is probed twice: with the recording's own melody, and with
+  none (as sampling without --melody runs), each against the caption scored the same way."""
+  name, family = render.INSTRUMENTS[0][1:3]
+  items = []
+  for i, (tonic, bpm) in enumerate([("G", 80), ("D", 120), ("F", 96)]):
+    items.append(dict(caption=f"a chorale in {tonic} major played by a {name}, {bpm} bpm",
+                      key_mode="major", key_tonic=tonic, bpm=bpm, instrument=name, family=family,
+                      audio=_tone(440.0 * 2 ** (i / 12), seconds=2.0).repeat(2)))
+  model = _ReadsTheKeyOnlyWithoutMelody(e["caption"] for e in items)
+  rows = control.likelihood(model, items, seed=0, seconds=2.0, batch=2)["windows"]["clip"]
+  for attr in ("key", "tempo", "family"):
+    assert rows[attr]["named"] == pytest.approx(1.0) and rows[attr]["ce_increase"] == 0.0
+    no_melody = rows[f"{attr}, no melody"]
+    assert no_melody["items"] == 3 and no_melody["named"] == pytest.approx(1.1)
+    assert no_melody["ce_increase"] == pytest.approx(0.3) and no_melody["named_more_likely"] == 1.0
+  assert rows["melody"]["ce_increase"] == 0.0
+  assert rows["all (no condition)"]["ce_increase"] == pytest.approx(0.4)

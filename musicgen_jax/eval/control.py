@@ -29,7 +29,8 @@ whatever the prompt. The same for the held-out renderings and their codec recons
 lean that the codec itself gives (e.g. toward one key).
 
 Likelihood: the held-out renderings' codes, teacher-forced, under their own caption and under the
-caption with one attribute changed (and another melody, and no condition). This needs no sampling
+caption with one attribute changed, with the recording's melody and with none (and another
+melody, and no condition). This needs no sampling
 and no estimator: it says whether the LM uses each condition at all (`likelihood`).
 
 Melody: held-out test renderings give a melody (their chroma) and a caption; the model samples with
@@ -202,7 +203,9 @@ def likelihood(model, items: list[dict], seed: int, seconds: float = CLIP_SECOND
   Each item (a test rendering: mono audio at the model's rate, caption and ground truth) is cut to
   `seconds`, encoded by the model's codec, and scored by model.token_ce (nats per token) under its
   own caption ("named") and under the caption with one attribute changed (altered_captions); for
-  melody models also with another item's melody instead of its own, and with no condition at all.
+  melody models also with another item's melody instead of its own, and with no condition at all,
+  and each caption and its changes once more with no melody (", no melody": as sampling without
+  --melody runs, where the melody cannot tell the model the key or the tempo).
   A model that uses a condition finds the recording less likely when it is changed: the figures
   are the mean CE increase and the share of items whose own condition gives the lower CE, over the
   whole clip and over its first second alone (where the prompt is all the model has to go on; later
@@ -220,27 +223,39 @@ def likelihood(model, items: list[dict], seed: int, seconds: float = CLIP_SECOND
     chroma = np.stack([melody_lib.melody_condition(a[None], sr, frames, sr) for a in audio])
   everything = list(range(len(items)))
   variants = [altered_captions(e, rng) for e in items]
-  cases = {}   # name -> (items, texts, chroma)
-  for attr in ("key", "tempo", "family"):
-    idx = [i for i, v in enumerate(variants) if attr in v]
-    if idx:
-      cases[attr] = (idx, [variants[i][attr] for i in idx], None if chroma is None else chroma[idx])
+  # The conditions each caption is scored with: for melody models its own melody, and no melody
+  # (the null one), as sampling without --melody runs; there a caption's key and tempo are not
+  # given by the melody, so this is where the LM must read them from the text.
+  melodies = {"": chroma}
   if chroma is not None:
-    cases["melody"] = (everything, [e["caption"] for e in items],
+    melodies[", no melody"] = melody_lib.null_chroma(len(items), chroma.shape[1])
+  cases = {}   # name -> (which melodies, items, texts, chroma)
+  for which, mel in melodies.items():
+    for attr in ("key", "tempo", "family"):
+      idx = [i for i, v in enumerate(variants) if attr in v]
+      if idx:
+        cases[attr + which] = (which, idx, [variants[i][attr] for i in idx],
+                               None if mel is None else mel[idx])
+  if chroma is not None:
+    cases["melody"] = ("", everything, [e["caption"] for e in items],
                        chroma[derangement(len(items), rng)])   # each item gets another's melody
-  cases["all (no condition)"] = (everything, [""] * len(items), None if chroma is None else
-                                 melody_lib.null_chroma(len(items), chroma.shape[1]))
+    cases["all (no condition)"] = ("", everything, [""] * len(items), melodies[", no melody"])
+  else:
+    cases["all (no condition)"] = ("", everything, [""] * len(items), None)
   result = {"items": len(items), "clip_seconds": seconds, "windows": {}}
-  own, tokens = _frame_nll(model, codes, [e["caption"] for e in items], chroma, batch)
+  own, tokens = {}, None
+  for which, mel in melodies.items():
+    own[which], tokens = _frame_nll(model, codes, [e["caption"] for e in items], mel, batch)
   altered = {name: _frame_nll(model, codes[idx], texts, cond, batch)[0]
-             for name, (idx, texts, cond) in cases.items()}
+             for name, (_, idx, texts, cond) in cases.items()}
   for window, frames in (("clip", codes.shape[-1]), ("first_second", int(round(model.frame_rate)))):
     ce = lambda nll: nll[:, :frames].sum(axis=1) / max(tokens[:frames].sum(), 1)  # noqa: E731
-    named, rows = ce(own), {}
-    for name, (idx, _, _) in cases.items():
-      d = ce(altered[name]) - named[idx]
-      rows[name] = {"items": len(idx), "named": float(named[idx].mean()),
-                    "changed": float((named[idx] + d).mean()), "ce_increase": float(d.mean()),
+    rows = {}
+    for name, (which, idx, _, _) in cases.items():
+      named = ce(own[which])[idx]
+      d = ce(altered[name]) - named
+      rows[name] = {"items": len(idx), "named": float(named.mean()),
+                    "changed": float((named + d).mean()), "ce_increase": float(d.mean()),
                     "ce_increase_std": float(d.std()), "named_more_likely": float(np.mean(d > 0))}
     result["windows"][window] = rows
   return result
