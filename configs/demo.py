@@ -21,7 +21,8 @@ if interrupted; models/demo/TRAINING.md records the runs that made the shipped w
     python train.py --config configs/demo.py:lm_merge --workdir runs/demo-lm-merge \
         --config.train.num_steps=3000 && \
     python train.py --config configs/demo.py:lm_wide --workdir runs/demo-lm-wide && \
-    python -m musicgen_jax.export runs/demo-lm-wide models/demo --dtype bfloat16 --overwrite
+    python train.py --config configs/demo.py:lm_attr --workdir runs/demo-lm-attr && \
+    python -m musicgen_jax.export runs/demo-lm-attr models/demo --dtype bfloat16 --overwrite
 
 codec      EnCodec geometry at 32 kHz mono, hop 640 (50 Hz frames), 4 codebooks of 512, 16 base
            filters, 64-dim latents, one LSTM layer (configs/codec.py:demo), 3,000 steps with the L1,
@@ -77,13 +78,16 @@ lm_wide    that LM on a wider corpus: the same pieces rendered 5 times each inst
            overfit its 1,772 renderings (train loss 3.05, held-out 3.25); on 2.5 times as many,
            the held-out test recordings' CE fell 0.18 nats and the melody is followed as closely
            as the codec allows (chroma 0.79; its reconstructions 0.77). The key and the tempo are
-           still not read: the shipped LM.
+           still not read.
 lm_attr    that LM with the melody also dropped alone, from half the training examples
            (train.melody_dropout, audiocraft's attribute dropout for its melody models). Every run
            before dropped the text and the melody only together, so text without a melody (what
            sampling without --melody gives the LM) was never seen in training, and with the melody
            there, a caption's key and tempo told the LM nothing the melody did not. The same data
-           and captions, a fresh 1500-step schedule at 5e-4.
+           and captions, a fresh 1500-step schedule at 5e-4 (61 min). The key is now followed
+           (7 of 32 clips in the named key against 1 with another key named or none), the
+           instrument more often, the held-out CE 0.11 lower; the melody a little less closely
+           (chroma 0.73 against 0.79) and the tempo still not: the shipped LM.
 """
 from __future__ import annotations
 
