@@ -267,6 +267,11 @@ def _batch(config, examples: range) -> dict:
           "weight": np.ones((n,), np.float32), **toks}
 
 
+def _init_state(task: LMTask):
+  """The task's initial train state (seed 0), unboxed, on the default device."""
+  return jax.jit(lambda r: __import__("flax").linen.unbox(task.init_state(r)))(jax.random.key(0))
+
+
 def test_gradient_accumulation_equals_one_big_batch():
   """4 micro-batches of 2 with grad_accum 4 give the params of batches of 8 (two updates each)."""
   big = tiny(batch_size=8, cond_dropout=0.0, warmup_steps=1, num_steps=2)
@@ -276,7 +281,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   for config, batches in ((big, [range(0, 8), range(8, 16)]),
                           (small, [range(i, i + 2) for i in range(0, 16, 2)])):
     task = LMTask(config, mesh)
-    state = jax.jit(lambda r: __import__("flax").linen.unbox(task.init_state(r)))(jax.random.key(0))
+    state = _init_state(task)
     step = jax.jit(task.train_step)
     for r in batches:
       state, _ = step(state, _batch(config, r))
@@ -303,7 +308,7 @@ def test_melody_dropout_drops_the_melody_alone_per_example(cond_dropout):
   batch = _batch(config, range(n))
   chroma = np.random.default_rng(0).random((n, config.model.chroma_length, 12), np.float32)
   batch["chroma"] = chroma
-  params = jax.jit(lambda r: __import__("flax").linen.unbox(task.init_state(r)))(jax.random.key(0)).params
+  params = _init_state(task).params
   null = melody_lib.null_chroma(n, config.model.chroma_length)
   out = {p: t._conditions(params, batch, jax.random.key(3), train=True) for p, (t, _) in tasks.items()}
   base = out[0.0]
@@ -333,7 +338,7 @@ def test_melody_dropout_reaches_the_loss_as_the_null_melody():
   task, config = _melody_task(melody_dropout=1.0)
   batch = _batch(config, range(4))
   batch["chroma"] = np.random.default_rng(1).random((4, config.model.chroma_length, 12), np.float32)
-  params = jax.jit(lambda r: __import__("flax").linen.unbox(task.init_state(r)))(jax.random.key(0)).params
+  params = _init_state(task).params
   rng = jax.random.key(5)
   dropped = task.token_losses(params, batch, rng, train=True)
   nulled = dict(batch, chroma=melody_lib.null_chroma(4, config.model.chroma_length))

@@ -239,9 +239,7 @@ def likelihood(model, items: list[dict], seed: int, seconds: float = CLIP_SECOND
   if chroma is not None:
     cases["melody"] = ("", everything, [e["caption"] for e in items],
                        chroma[derangement(len(items), rng)])   # each item gets another's melody
-    cases["all (no condition)"] = ("", everything, [""] * len(items), melodies[", no melody"])
-  else:
-    cases["all (no condition)"] = ("", everything, [""] * len(items), None)
+  cases["all (no condition)"] = ("", everything, [""] * len(items), melodies.get(", no melody"))
   result = {"items": len(items), "clip_seconds": seconds, "windows": {}}
   own, tokens = {}, None
   for which, mel in melodies.items():
