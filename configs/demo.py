@@ -138,6 +138,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                  eval_every=250, eval_batches=4, checkpoint_every=100, keep_checkpoints=2)
   _data(c)
   c.data.codec = CODEC_DIR
+  c.data.word_dropout = 0.0   # the shipped runs were made before data.word_dropout existed
   if variant == "lm_words":
     c.init_from, c.init_fresh = LM_DIR, "text"
     c.text.update(tokenizer="words", num_layers=0)

@@ -80,11 +80,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
       num_workers=0, prefetch=2, min_seconds=1.0, encode_batch_size=8, encode_seconds=0.0,
       items_per_shard=64, num_examples=1024, corpus="full",
       caption_merge_p=0.0, caption_drop_description_p=0.0, caption_drop_attribute_p=0.0,
-      caption_attributes=("key", "bpm", "genre", "moods", "instrument")))
+      caption_attributes=("key", "bpm", "genre", "moods", "instrument"), word_dropout=0.3))
   # Training captions with metadata merged in (loader.MergeAttributes; audiocraft's merge_text_p,
   # drop_desc_p, drop_other_p): with probability caption_merge_p an example's caption gets the
   # phrases of its metadata's caption_attributes ("G major", "72 bpm", ...), each dropped with
   # probability caption_drop_attribute_p, and loses its own text with caption_drop_description_p.
+  # word_dropout: each word of a training caption dropped with this probability (loader.WordDropout;
+  # audiocraft's text conditioner: 0.3 for text-to-music, 0.2 for melody models, set below).
   # Fine-tuning: a model directory (converted Hugging Face checkpoint or one of ours) to start from. Its
   # architecture (model, text, pattern, codec) is used; dtype, dropout, remat and scan_unroll stay
   # this config's. init_fresh: parts of that model that start from a fresh initialisation instead,
@@ -129,5 +131,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   else:
     raise ValueError(f"unknown config variant {variant!r}: use one of tiny, tiny_melody, small, "
                      "medium, large, melody, stereo_small")
+  if c.model.melody:
+    c.data.word_dropout = 0.2
   c.model.text_dim = c.text.dim
   return c

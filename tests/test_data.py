@@ -558,6 +558,30 @@ def test_merged_captions_follow_their_probabilities_and_the_stream_position():
   assert merge(1.0).map_with_index(7, dict(item, caption=""))["caption"].split(", ")[0] in phrases
 
 
+def _subsequence(short: list, long: list) -> bool:
+  rest = iter(long)
+  return all(w in rest for w in short)
+
+
+def test_word_dropout_keeps_each_word_with_its_probability_in_order():
+  words = "a Bach chorale in G major played by a string ensemble at 72 bpm".split()
+  item = {"caption": " ".join(words).encode(), "codes": np.zeros((4, 5), np.int16)}
+  drop = lambda p: loader.WordDropout(p, seed=5)  # noqa: E731
+  out = [drop(0.3).map_with_index(i, item)["caption"].split() for i in range(400)]
+  assert all(_subsequence(o, words) for o in out)
+  assert 0.66 < np.mean([len(o) / len(words) for o in out]) < 0.74
+  assert len({" ".join(o) for o in out}) > 100                 # the draws vary with the position
+  assert [drop(0.3).map_with_index(i, item)["caption"].split() for i in range(400)] == out
+  assert drop(1.0).map_with_index(3, item)["caption"] == ""    # every word dropped: no text
+  assert drop(1e-9).map_with_index(3, item)["caption"] == " ".join(words)
+  assert drop(0.5).map_with_index(3, dict(item, caption=b""))["caption"] == b""
+  c = _loader_config(melody=False)
+  c.data.word_dropout = 0.0
+  assert loader.word_dropout(c) is None
+  c.data.word_dropout = 0.3
+  assert loader.word_dropout(c) == loader.WordDropout(0.3, seed=7)
+
+
 class _Recorder:
   """A tokenizer stand-in that keeps every caption it is given."""
 
@@ -578,7 +602,7 @@ class _ItemsWithMetadata(_Items):
 def test_training_stream_merges_metadata_and_restores_alike(tmp_path):
   """Only the augmented (training) stream merges; the draws survive a checkpoint of the iterator."""
   c, source = _loader_config(melody=False), _ItemsWithMetadata([30] * 9)
-  c.data.update(caption_merge_p=0.5, caption_drop_description_p=0.5)
+  c.data.update(caption_merge_p=0.5, caption_drop_description_p=0.5, word_dropout=0.0)
 
   def captions(augment, skip=0, state=None, n=4):
     rec = _Recorder()
@@ -601,6 +625,31 @@ def test_training_stream_merges_metadata_and_restores_alike(tmp_path):
   assert resumed == merged[8:]
 
 
+def test_training_stream_drops_words_after_merging_and_restores_alike():
+  c, source = _loader_config(melody=False), _ItemsWithMetadata([30] * 9)
+  c.data.update(caption_merge_p=1.0, caption_drop_description_p=0.0, word_dropout=0.4)
+
+  def captions(augment, state=None, n=6):
+    rec = _Recorder()
+    it = iter(loader.make_dataset(source, c, rec, augment=augment))
+    if state is not None:
+      it.set_state(state)
+    return rec.seen, it, _batches(it, n)
+
+  plain, _, _ = captions(False)
+  assert all(re.fullmatch(r"item \d", x) for x in plain)      # validation: as they are
+  dropped, _, batches = captions(True)
+  ids = [i for b in batches for i in _ids(b)]
+  kept = [len(cap.split()) for cap in dropped]
+  for cap, i in zip(dropped, ids):   # the merged caption's words (in either order), some dropped
+    assert any(_subsequence(cap.split(), m.split())
+               for m in (f"item {i}, {60 + i} bpm, folk", f"item {i}, folk, {60 + i} bpm"))
+  assert 0.4 < np.mean(kept) / 5 < 0.8 and len(set(kept)) > 2
+  _, it, _ = captions(True, n=3)
+  resumed, _, _ = captions(True, state=it.get_state(), n=3)
+  assert resumed == dropped[12:]
+
+
 def test_caption_settings_are_checked_and_leave_the_token_cache_alone(tmp_path):
   from musicgen_jax.training import loop
   c = _loader_config()
@@ -610,7 +659,10 @@ def test_caption_settings_are_checked_and_leave_the_token_cache_alone(tmp_path):
   c.data.caption_drop_attribute_p = 1.5
   with pytest.raises(ValueError, match="caption_drop_attribute_p must be a probability"):
     loop.check_config(c)
-  c.data.update(caption_drop_attribute_p=0.0, caption_attributes=("bpm", ""))
+  c.data.update(caption_drop_attribute_p=0.0, word_dropout=-0.1)
+  with pytest.raises(ValueError, match="word_dropout must be a probability"):
+    loop.check_config(c)
+  c.data.update(word_dropout=0.3, caption_attributes=("bpm", ""))
   with pytest.raises(ValueError, match="caption_attributes must be a list"):
     loop.check_config(c)
 
