@@ -444,10 +444,22 @@ def test_condition_gain_is_the_ce_saved_over_the_samplers_unconditional(manifest
                                                         rel=1e-5)
       assert got["condition_gain"] == got["loss_unconditioned"] - got["loss"]
       assert abs(got["condition_gain"]) > 1e-4
+      # the text with no melody: the sampler's CE without --melody, and the gain split in two
+      assert got["loss_no_melody"] == pytest.approx(model.token_ce(codes[i:i + 1], texts[i:i + 1])[0],
+                                                    rel=1e-5)
+      assert got["text_gain"] == got["loss_unconditioned"] - got["loss_no_melody"]
+      assert got["melody_gain"] == got["loss_no_melody"] - got["loss"]
+      assert abs(got["text_gain"]) > 1e-5 and abs(got["melody_gain"]) > 1e-5
+    deaf = jax.tree.map(lambda x: x, params)    # the melody's projection zeroed: it adds nothing
+    deaf["lm"]["audio_enc_to_dec_proj"] = jax.tree.map(jnp.zeros_like,
+                                                       deaf["lm"]["audio_enc_to_dec_proj"])
+    got = summary(deaf, 0)
+    assert got["melody_gain"] == 0.0 and abs(got["text_gain"]) > 1e-5
     blind = jax.tree.map(lambda x: x, params)
     for name in ("enc_to_dec_proj", "audio_enc_to_dec_proj"):
       blind["lm"][name] = jax.tree.map(jnp.zeros_like, blind["lm"][name])
-    assert summary(blind, 0)["condition_gain"] == 0.0
+    got = summary(blind, 0)
+    assert got["condition_gain"] == got["text_gain"] == got["melody_gain"] == 0.0
 
 
 def test_altered_captions_change_one_attribute_each():

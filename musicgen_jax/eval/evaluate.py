@@ -129,6 +129,9 @@ def validation_ce(model, config: ml_collections.ConfigDict, model_dir: str, data
   if "condition_gain" in out:
     gain = (f"; under the null condition {out['loss_unconditioned']:.4f} (the conditions save "
             f"{out['condition_gain']:.4f} nats per token)")
+  if "loss_no_melody" in out:
+    gain += (f"; with the text and no melody {out['loss_no_melody']:.4f} (the text alone saves "
+             f"{out['text_gain']:.4f}, the melody {out['melody_gain']:.4f} more)")
   log(f"eval: validation CE {out['loss']:.4f} per codebook "
       f"{[round(x, 3) for x in out['ce_per_codebook']]} over {out['tokens']} tokens{gain}")
   return out

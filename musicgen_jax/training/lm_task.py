@@ -191,14 +191,18 @@ class LMTask:
     """Whether the LM takes any condition (text or melody) that the null condition can replace."""
     return bool(self.lm_cfg.text_dim or self.lm_cfg.melody)
 
-  def token_losses(self, params, batch, rng, train: bool, null: bool = False):
+  def token_losses(self, params, batch, rng, train: bool, null: bool = False,
+                   no_melody: bool = False):
     """-> (ce_sum [K], count [K]): summed cross-entropy and the number of valid tokens per codebook.
     `null`: every example gets the null condition of sampling (sampling.null_conditions), the
-    unconditional prediction that classifier-free guidance contrasts against."""
+    unconditional prediction that classifier-free guidance contrasts against. `no_melody`: the
+    text with the null melody (sampling without --melody)."""
     k_cond, k_model = jax.random.split(rng)
     conds = self._conditions(params, batch, k_cond, train)
     if null:
       conds = sampling.null_conditions(conds)
+    elif no_melody and conds.melody is not None:
+      conds = conds.replace(melody=sampling.null_conditions(conds).melody)
     codes = batch["codes"]
     steps = self.pattern.build(codes, self.lm_cfg.special_token)
     model = self.model if train else self.eval_model
@@ -248,13 +252,19 @@ class LMTask:
     if self.conditioned:
       sums["ce_sum_null"] = self.token_losses(params, batch, jax.random.key(0), train=False,
                                               null=True)[0]
+    if self.lm_cfg.melody and self.lm_cfg.text_dim:
+      sums["ce_sum_no_melody"] = self.token_losses(params, batch, jax.random.key(0), train=False,
+                                                   no_melody=True)[0]
     return sums
 
   @staticmethod
   def summarize_eval(sums: dict) -> dict[str, Any]:
     """Mean CE ('loss'), per codebook and as perplexity; for conditioned models also
     'loss_unconditioned' (the CE under the null condition) and 'condition_gain', the nats per token
-    that the conditions save (how much the LM uses its text and melody: 0 when it ignores them)."""
+    that the conditions save (how much the LM uses its text and melody: 0 when it ignores them).
+    Melody models with text also get 'loss_no_melody' (the text with the null melody, as sampling
+    without --melody), 'text_gain' (what the text alone saves: unconditioned - no_melody) and
+    'melody_gain' (what the melody adds to the text: no_melody - loss)."""
     count_k = np.maximum(np.asarray(sums["count"]), 1.0)
     ce_k = np.asarray(sums["ce_sum"]) / count_k
     out = {"loss": float(ce_k.mean()), "ce_per_codebook": ce_k.tolist(),
@@ -262,6 +272,10 @@ class LMTask:
     if "ce_sum_null" in sums:
       null = float((np.asarray(sums["ce_sum_null"]) / count_k).mean())
       out.update(loss_unconditioned=null, condition_gain=null - out["loss"])
+    if "ce_sum_no_melody" in sums:
+      text_only = float((np.asarray(sums["ce_sum_no_melody"]) / count_k).mean())
+      out.update(loss_no_melody=text_only, text_gain=out["loss_unconditioned"] - text_only,
+                 melody_gain=text_only - out["loss"])
     return out
 
   def write_model_files(self, workdir: str) -> None:
