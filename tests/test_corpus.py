@@ -1,5 +1,5 @@
 """The rendered music21 corpus: ground truth the audio carries, splits by piece, seeds, missing
-tools.
+tools; and the control report (eval/control.py) run end to end on a tiny corpus.
 
 Rendering tests need the Debian packages `fluidsynth` and `timgm6mb-soundfont` (.ci/run installs
 them) and are skipped without them. Audio is kept to a few seconds per rendering.
@@ -261,3 +261,105 @@ def test_missing_soundfont_names_its_package(tmp_path, monkeypatch):
   monkeypatch.setitem(render.SOUNDFONTS, "timgm6mb", missing)
   with pytest.raises(ValueError, match="install the Debian package `timgm6mb-soundfont`"):
     render.find_soundfont("timgm6mb")
+
+
+# --- the control report end to end ----------------------------------------------------------------
+
+_CADENCE = {"major": ((0, 4, 7, 12), (5, 9, 12, 17), (7, 11, 14, 19), (0, 4, 7, 12)),
+            "minor": ((0, 3, 7, 12), (5, 8, 12, 17), (7, 11, 14, 19), (0, 3, 7, 12))}
+
+
+class _Renders:
+  """A stand-in model for control.run whose "codes" are the audio itself (an identity codec) and
+  whose samples are arpeggiated I-IV-V-I bars in quarter notes, accented on the downbeat, rendered
+  with FluidSynth: in the key, at the tempo and on the instrument that the prompt names when
+  `obedient` (C major, 100 bpm, piano where it names none), else always C major, 100 bpm, piano."""
+  frame_rate = 50.0
+
+  def __init__(self, obedient: bool):
+    from types import SimpleNamespace
+    from musicgen_jax import sampling
+    self.obedient, self.sample_rate = obedient, SR
+    self.lm_cfg = SimpleNamespace(melody=False)
+    self.settings = sampling.SamplingSettings()
+    self._sf, self._clips = render.find_soundfont("timgm6mb"), {}
+
+  def _clip(self, prompt: str, seconds: float) -> np.ndarray:
+    from musicgen_jax.eval import control
+    key = re.search(r" in ([A-G][#b]?) (major|minor) on ", prompt) if self.obedient else None
+    bpm = re.search(r"\b(\d+) bpm\b", prompt) if self.obedient else None
+    inst = re.search(r" on (.+?)(?:, |$)", prompt) if self.obedient else None
+    tonic, mode = (control._pc(key[1]), key[2]) if key else (0, "major")
+    program, _, _, lo, hi = next((i for i in render.INSTRUMENTS if inst and i[1] == inst[1]),
+                                 render.INSTRUMENTS[0])
+    notes = [(4 * bar + beat, 0.95, 60 + step, 0, 1.0 if beat == 0 else 0.0)
+             for bar in range(int(seconds) + 1)
+             for beat, step in enumerate(_CADENCE[mode][bar % 4])]
+    piece = scores.Piece(ref=scores.PieceRef("stand-in"), title="", composer="",
+                         notes_nf=np.array(notes, np.float64), meter="4/4", beat_q=1.0,
+                         tonic_pc=0, mode=mode, key_source="score", num_parts=1)
+    octave = min(range(-3, 4), key=lambda k: (not lo <= 60 + tonic + 12 * k <= hi - 19, abs(k)))
+    choices = render.Choices(program=program, bpm=int(bpm[1]) if bpm else 100, transpose=tonic,
+                             octaves=octave, velocity=100)
+    out = render.render(piece, choices, soundfont_path=self._sf, sample_rate=SR,
+                        max_seconds=seconds)
+    audio = manifest.from_int16(out.audio_n[None]).mean(axis=0)
+    return np.pad(audio, (0, int(seconds * SR) - audio.size))[:int(seconds * SR)]
+
+  def generate(self, prompts, duration, settings, seed, chroma=None):
+    for p in set(prompts):   # once each: batches are padded with repeats of a prompt
+      if (p, duration) not in self._clips:
+        self._clips[p, duration] = self._clip(p, duration)
+    return np.stack([self._clips[p, duration] for p in prompts])[:, None]
+
+  def encode_audio(self, audio):
+    return np.asarray(audio, np.float32)
+
+  def decode(self, codes):
+    return codes
+
+  def frame_nll(self, codes, texts, chroma):   # every frame as likely under any caption
+    frames = int(codes.shape[-1] / SR * self.frame_rate)
+    return np.ones((len(texts), frames)), np.full((frames,), 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_held_out(tmp_path_factory) -> str:
+  """The tiny preset with a third of its pieces held out as the test split (control.run's real
+  recordings), one 3 s rendering each. -> the corpus root."""
+  if not HAVE_SYNTH:
+    pytest.skip("needs fluidsynth and timgm6mb-soundfont")
+  config = ml_collections.ConfigDict({"data": {
+      "kind": "corpus", "corpus": "tiny", "min_seconds": 1.0,
+      "corpus_options": {"renderings": 1, "max_seconds": 3.0, "test_fraction": 0.34}}})
+  return corpus.prepare(config, str(tmp_path_factory.mktemp("cache")), sample_rate=SR, channels=1,
+                        build=True)
+
+
+@needs_synth
+def test_control_report_scores_a_model_that_follows_prompts_and_one_that_ignores_them(
+    tiny_held_out):
+  """control.run end to end on the tiny corpus: a model that renders what each prompt names is
+  matched on the named key and tempo and not on the changed ones, and its tempo rises with the
+  prompt's; one that plays the same thing whatever the prompt scores exactly alike on the named,
+  changed and removed prompts (nothing of the truth leaks into the measurement)."""
+  from musicgen_jax.eval import control
+  logged = []
+  follows = control.run(_Renders(True), tiny_held_out, samples=8, duration=5.0, seed=3,
+                        log=logged.append, settings=_Renders(True).settings)
+  key, tempo = follows["attributes"]["key"], follows["attributes"]["tempo"]
+  assert key["named"] >= 0.75 and key["changed"] <= 0.125 and key["removed"] <= 0.25, key
+  assert tempo["named"] >= 0.75 and tempo["changed"] <= 0.25, tempo
+  assert tempo["rank_correlation"]["spearman"] > 0.6 and tempo["rank_correlation"]["clips"] == 16
+  family = follows["attributes"]["family"]
+  assert family["named"] >= family["changed"]
+  assert follows["likelihood"]["windows"]["clip"]["key"]["ce_increase"] == 0.0
+  assert any(line.startswith("key: ") for line in logged)
+  row = f"| key | {key['named']:.2f} | {key['changed']:.2f} | {key['removed']:.2f} |"
+  assert row in control.markdown(follows)
+  ignores = control.run(_Renders(False), tiny_held_out, samples=8, duration=5.0, seed=3,
+                        log=lambda _: None, settings=_Renders(False).settings)
+  for attr, row in ignores["attributes"].items():
+    assert row["named"] == row["changed"] == row.get("removed", row["named"]), (attr, row)
+  assert ignores["attributes"]["key"]["named"] < key["named"]
+  assert ignores["attributes"]["tempo"]["named"] < tempo["named"]
