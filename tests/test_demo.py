@@ -37,9 +37,9 @@ def test_demo_configs_agree_with_each_other():
   assert lm.data.cache_dir == codec.data.cache_dir and lm.data.corpus == codec.data.corpus == "demo"
   assert lm.data.codec == demo.CODEC_DIR
   # The chain of runs: each starts where the one before it wrote its work directory.
-  adv, words, final, cross, merge, wide, attr = (
+  adv, words, final, cross, merge, wide, attr, more = (
       demo.get_config(v) for v in ("codec_adv", "lm_words", "lm_final", "lm_cross", "lm_merge",
-                                   "lm_wide", "lm_attr"))
+                                   "lm_wide", "lm_attr", "lm_more"))
   assert adv.init_from == demo.CODEC_DIR and adv.codec.to_dict() == codec.codec.to_dict()
   assert adv.codec_train.losses.adv > 0 and adv.codec_train.losses.feat > 0
   assert words.init_from == demo.LM_DIR and words.init_fresh == "text"
@@ -61,10 +61,18 @@ def test_demo_configs_agree_with_each_other():
   assert attr.train.melody_dropout > 0
   for c in (lm, words, final, cross, merge, wide):   # the runs made before it had none
     assert c.train.melody_dropout == 0
-  for c in (adv, words, final, cross, merge, wide, attr):
+  # lm_more: lm_attr's run trained on with the same settings, a lower peak and a longer schedule.
+  assert more.init_from == demo.ATTR_DIR and more.model.to_dict() == attr.model.to_dict()
+  assert more.data.to_dict() == attr.data.to_dict()
+  assert more.train.melody_dropout == attr.train.melody_dropout
+  assert more.train.num_steps > attr.train.num_steps
+  assert more.train.learning_rate < attr.train.learning_rate
+  for c in (lm, words, final, cross, merge, wide, attr, more):   # made before word dropout existed
+    assert c.data.word_dropout == 0
+  for c in (adv, words, final, cross, merge, wide, attr, more):
     loop.check_config(c)
   with pytest.raises(ValueError, match="use one of codec, codec_adv, lm, lm_words, lm_final, "
-                     "lm_cross, lm_merge, lm_wide, lm_attr"):
+                     "lm_cross, lm_merge, lm_wide, lm_attr, lm_more"):
     demo.get_config("nope")
 
 
