@@ -345,8 +345,9 @@ def test_control_report_scores_a_model_that_follows_prompts_and_one_that_ignores
   changed and removed prompts (nothing of the truth leaks into the measurement)."""
   from musicgen_jax.eval import control
   logged = []
-  follows = control.run(_Renders(True), tiny_held_out, samples=8, duration=5.0, seed=3,
-                        log=logged.append, settings=_Renders(True).settings)
+  model = _Renders(True)
+  follows = control.run(model, tiny_held_out, samples=8, duration=5.0, seed=3, log=logged.append,
+                        settings=model.settings)
   key, tempo = follows["attributes"]["key"], follows["attributes"]["tempo"]
   assert key["named"] >= 0.75 and key["changed"] <= 0.125 and key["removed"] <= 0.25, key
   assert tempo["named"] >= 0.75 and tempo["changed"] <= 0.25, tempo
@@ -357,8 +358,9 @@ def test_control_report_scores_a_model_that_follows_prompts_and_one_that_ignores
   assert any(line.startswith("key: ") for line in logged)
   row = f"| key | {key['named']:.2f} | {key['changed']:.2f} | {key['removed']:.2f} |"
   assert row in control.markdown(follows)
-  ignores = control.run(_Renders(False), tiny_held_out, samples=8, duration=5.0, seed=3,
-                        log=lambda _: None, settings=_Renders(False).settings)
+  model = _Renders(False)
+  ignores = control.run(model, tiny_held_out, samples=8, duration=5.0, seed=3, log=lambda _: None,
+                        settings=model.settings)
   for attr, row in ignores["attributes"].items():
     assert row["named"] == row["changed"] == row.get("removed", row["named"]), (attr, row)
   assert ignores["attributes"]["key"]["named"] < key["named"]

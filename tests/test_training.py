@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import linen as nn
 from jax.sharding import PartitionSpec
 
 from configs.musicgen import get_config
@@ -269,7 +270,7 @@ def _batch(config, examples: range) -> dict:
 
 def _init_state(task: LMTask):
   """The task's initial train state (seed 0), unboxed, on the default device."""
-  return jax.jit(lambda r: __import__("flax").linen.unbox(task.init_state(r)))(jax.random.key(0))
+  return jax.jit(lambda r: nn.unbox(task.init_state(r)))(jax.random.key(0))
 
 
 def test_gradient_accumulation_equals_one_big_batch():
