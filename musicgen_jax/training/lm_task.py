@@ -203,6 +203,10 @@ class LMTask:
       conds = sampling.null_conditions(conds)
     elif no_melody and conds.melody is not None:
       conds = conds.replace(melody=sampling.null_conditions(conds).melody)
+    if null or no_melody:
+      # The null condition is a compile-time constant; behind the barrier XLA does not try to
+      # constant-fold the cross-attention over it (seconds at compile time, logged as errors).
+      conds = jax.lax.optimization_barrier(conds)
     codes = batch["codes"]
     steps = self.pattern.build(codes, self.lm_cfg.special_token)
     model = self.model if train else self.eval_model
