@@ -268,11 +268,7 @@ class MusicGen:
         chroma = melody_lib.null_chroma(len(texts), self.lm_cfg.chroma_length, self.lm_cfg.num_chroma)
       # Tiled / cut to chroma_length frames, as the reference does with a shorter or longer melody.
       melody = jnp.asarray(self.melody_window(np.asarray(chroma), 0.0), jnp.float32)
-    bpm = None
-    if self.lm_cfg.beat_clock_rate:   # the tempo each prompt names, for the LM's beat clock
-      from musicgen_jax.conditioners import tempo
-      bpm = jnp.asarray(tempo.named_bpms(texts))
-    return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody, bpm=bpm)
+    return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody)
 
   def generate(self, texts: Sequence[str], duration: float,
                settings: sampling.SamplingSettings = sampling.SamplingSettings(), seed: int = 0,

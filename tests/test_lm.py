@@ -64,11 +64,10 @@ def _cached_logits(model: lm_lib.MusicGenLM, params, tokens_bks, conds, chunks, 
       caches = lm_decode.grow_caches(caches, caches[0][0].shape[2] + cache_room)
     chunk = tokens_bks[:, :, start:start + n]
     if i == 0:
-      logits, caches = lm_decode.prefill(cfg, w, chunk, caches, ckv, cond.cross_mask, cond.prefix,
-                                         bpm=cond.bpm)
+      logits, caches = lm_decode.prefill(cfg, w, chunk, caches, ckv, cond.cross_mask, cond.prefix)
     else:
       logits, caches = lm_decode.decode(cfg, w, chunk, caches, jnp.int32(p + start), ckv,
-                                        cond.cross_mask, bpm=cond.bpm, prefix_len=p)
+                                        cond.cross_mask)
     out.append(logits)
     start += n
   return jnp.concatenate(out, axis=2)

@@ -42,7 +42,6 @@ from typing import Any, Callable
 import grain
 import numpy as np
 
-from musicgen_jax.conditioners import tempo
 from musicgen_jax.data import manifest as manifest_lib
 from musicgen_jax.data import synthetic
 from musicgen_jax.data import token_cache
@@ -464,15 +463,12 @@ def _stack(examples: list[dict]) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Tokenize(grain.transforms.Map):
-  """Batch captions -> input_ids / attention_mask int32 [b, L] with the text conditioner, and the
-  tempo each names (bpm float32 [b], 0 = none: conditioners/tempo.py; read by beat-clock models)."""
+  """Batch captions -> input_ids / attention_mask int32 [b, L] with the text conditioner."""
   tokenizer: Any
 
   def map(self, batch: dict) -> dict:
     batch = dict(batch)
-    texts = list(batch.pop("caption"))
-    batch["bpm"] = tempo.named_bpms(texts)
-    tok = self.tokenizer.tokenize(texts)
+    tok = self.tokenizer.tokenize(list(batch.pop("caption")))
     batch["input_ids"] = np.asarray(tok["input_ids"], np.int32)
     batch["attention_mask"] = np.asarray(tok["attention_mask"], np.int32)
     return batch
@@ -548,7 +544,6 @@ def make_iterator(config, split: str, tokenizer, *, workdir: str, process_index:
 
       codes int32 [b, K, T]   frame_mask bool [b, T]   input_ids, attention_mask int32 [b, L]
       chroma float32 [b, C, 12] (melody models)   weight float32 [b] (0 on padding examples)
-      bpm float32 [b] (the tempo each caption names, 0 = none)
 
   T = round(segment_seconds * frame_rate). num_epochs None: endless. prepare_data must have run.
   """

@@ -48,7 +48,6 @@ BATCH_AXES = {
     "attention_mask": (shd.BATCH, None),
     "chroma": (shd.BATCH, None, None),
     "weight": (shd.BATCH,),
-    "bpm": (shd.BATCH,),
 }
 
 
@@ -107,8 +106,7 @@ class LMTask:
 
   def batch_keys(self) -> tuple[str, ...]:
     keys = ("codes", "frame_mask", "input_ids", "attention_mask", "weight")
-    return (keys + (("chroma",) if self.lm_cfg.melody else ())
-            + (("bpm",) if self.lm_cfg.beat_clock_rate else ()))
+    return keys + (("chroma",) if self.lm_cfg.melody else ())
 
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of one global batch (ahead-of-time compilation, benchmarks)."""
@@ -118,7 +116,6 @@ class LMTask:
             "input_ids": ((batch_size, self.config.text.max_length), jnp.int32),
             "attention_mask": ((batch_size, self.config.text.max_length), jnp.int32),
             "weight": ((batch_size,), jnp.float32),
-            "bpm": ((batch_size,), jnp.float32),
             "chroma": ((batch_size, c.chroma_length, c.num_chroma), jnp.float32)}
     return {k: jax.ShapeDtypeStruct(*spec[k]) for k in self.batch_keys()}
 
@@ -172,7 +169,6 @@ class LMTask:
     hidden, mask = self.text.encode(text_params, {"input_ids": batch["input_ids"],
                                                   "attention_mask": batch["attention_mask"]})
     melody = batch.get("chroma")
-    bpm = batch.get("bpm") if self.lm_cfg.beat_clock_rate else None
     k_text, k_melody = jax.random.split(rng)
     null_melody = None if melody is None else jnp.asarray(
         melody_lib.null_chroma(*melody.shape), melody.dtype)
@@ -182,15 +178,13 @@ class LMTask:
       hidden, mask = drop_condition(k_text, hidden, mask, self.config.train.cond_dropout)
       if melody is not None:
         melody = jnp.where(drop_b[:, None, None], null_melody, melody)
-      if bpm is not None:   # the tempo is read from the text, so it goes with it
-        bpm = jnp.where(drop_b, 0.0, bpm)
     if train and melody is not None and self.config.train.melody_dropout > 0:
       # The melody alone is dropped too, independently (audiocraft's attribute dropout, 0.5 for
       # its melody models): so the LM also learns text with no melody, the input of sampling
       # without --melody, where the key and tempo can only come from the text.
       keep_b = jax.random.uniform(k_melody, (melody.shape[0],)) >= self.config.train.melody_dropout
       melody = jnp.where(keep_b[:, None, None], melody, null_melody)
-    return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody, bpm=bpm)
+    return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody)
 
   @property
   def conditioned(self) -> bool:
