@@ -16,13 +16,12 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from musicgen_jax import cli, pipeline, sharding
 
-_CONFIG = config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG,
-                                          "A config for a randomly initialised model (smoke runs); "
-                                          "only without --checkpoint.")
+_CONFIG = cli.define_config_flag("config", cli.DEFAULT_CONFIG,
+                                 "A config for a randomly initialised model (smoke runs); only "
+                                 "without --checkpoint.")
 flags.DEFINE_string("checkpoint", None, "Model directory (train.py output or an imported checkpoint); "
                     "default: the shipped model, models/demo.")
 flags.DEFINE_multi_string("prompt", [], "A text prompt; repeat for several.")

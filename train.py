@@ -12,12 +12,11 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from musicgen_jax import cli
 from musicgen_jax.training import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Training config.")
+_CONFIG = cli.define_config_flag("config", cli.DEFAULT_CONFIG, "Training config.")
 flags.DEFINE_string("workdir", "runs/tiny", "Where checkpoints, metrics and the config are written.")
 FLAGS = flags.FLAGS
 

@@ -410,9 +410,8 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
-  from ml_collections import config_flags
   from musicgen_jax import cli
-  config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Training config to compile.")
+  cli.define_config_flag("config", cli.DEFAULT_CONFIG, "Training config to compile.")
   flags.DEFINE_string("topology", None, "TPU topology: v5p:4x4x8, v5e:16x16, v6e-256, v4-8, ...",
                       required=True)
   flags.DEFINE_integer("dcn", 1, "Number of slices joined over the data-center network.")

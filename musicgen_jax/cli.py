@@ -69,6 +69,18 @@ def plain_log_lines() -> None:
   absl_logging.get_absl_handler().setFormatter(_PlainFormatter())
 
 
+def _config_error(e: BaseException, argv: list[str]) -> str:
+  """One line for a config that failed to load: a --config.* override naming a field the config
+  lacks (ml_collections raises AttributeError or KeyError with the bare name) says so."""
+  if not isinstance(e, (AttributeError, KeyError)):
+    return _one_line(e)
+  missing = str(e.args[0] if e.args else e).strip("\"' ")
+  names = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+  overrides = [n for n in names if "." in n and missing in n.split(".")[1:]]
+  where = f" (from {', '.join(overrides)})" if overrides else ""
+  return f"the config has no field {missing!r}{where}: check the name against the config file"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser` for sample.py and train.py: a bad flag, config file or config variant is
   one line and exit 2 (config files are loaded here, not later)."""
@@ -77,10 +89,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     rest = flags.FLAGS(argv)
     for name in _config_flag_names():
       getattr(flags.FLAGS[name].value, "variant", None)   # a config that failed to load raises
-  except (flags.Error, OSError, ValueError, AttributeError, TypeError) as e:
-    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+  except (flags.Error, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+    print(f"{prog}: error: {_config_error(e, argv)}", file=sys.stderr)
     sys.exit(2)
   return rest
+
+
+def define_config_flag(name: str, default: str, help_text: str):
+  """config_flags.DEFINE_config_file, with the errors it raises while defining the flag (it reads
+  the --NAME.* overrides of sys.argv then) as one line and exit 2."""
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_text)
+  except (flags.Error, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+    prog = os.path.basename(sys.argv[0]) if sys.argv else "musicgen"
+    print(f"{prog}: error: {_config_error(e, sys.argv)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run_main(main: Callable[[list[str]], Any], argv: list[str]) -> int:

@@ -71,6 +71,8 @@ def test_sample_from_training_run(trained, tmp_path, sample):
     (["--checkpoint", "/nonexistent/model"], "does not exist"),
     (["--config", "configs/musicgen.py:tiny", "--config.pattern.name=zigzag"], "zigzag"),
     (["--config.pattern.name=delay"], "cannot change a loaded checkpoint"),   # the shipped model
+    (["--config", "configs/musicgen.py:tiny", "--config.sampling.nosuch=1"],
+     "the config has no field 'nosuch' (from --config.sampling.nosuch)"),
     (["--prompts-file", "/nonexistent.txt"], "does not exist"),
     (["--prompt", "y", "extra"], "unexpected arguments"),
 ])
@@ -79,6 +81,17 @@ def test_bad_input_one_line(args, fragment, sample):
   assert rc == 2
   assert fragment in err, err
   assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_config_field_is_one_line_before_anything_runs(tmp_path):
+  """ml_collections reads --config.* overrides while the flag is defined, at import: a field the
+  config lacks is one line there too, not a traceback."""
+  r = run("train.py", "--config", "configs/musicgen.py:tiny", "--workdir", str(tmp_path / "w"),
+          "--config.train.nosuch=1")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip() == ("train.py: error: the config has no field 'nosuch' (from "
+                              "--config.train.nosuch): check the name against the config file")
+  assert not (tmp_path / "w").exists()
 
 
 def test_no_prompt_and_unreadable_checkpoint(sample, tmp_path):
