@@ -174,6 +174,12 @@ def _check_writable(path: str, flag: str, overwrite: bool, kind: str = "file") -
     raise ValueError(f"--{flag} {path}: {probe} is not writable")
 
 
+def check_output_dir(path: str, flag: str = "out") -> None:
+  """ValueError (one line) unless directory `path` exists or can be created and written: checked
+  before long work, so that its results are not lost at the end."""
+  _check_writable(path, flag, True, kind="dir")
+
+
 @dataclasses.dataclass
 class SampleRequest:
   prompts: list[str]

@@ -127,7 +127,11 @@ def test_control_cli_refuses_bad_input_in_one_line_before_loading(tmp_path, caps
            (["--corpus", str(tmp_path), "--temperature", "-1"], "temperature must be"),
            (["--corpus", str(tmp_path / "nothing-*")], "matches 0 directories"),
            (["--corpus", str(tmp_path)], "is not a built corpus"),
-           (["--corpus", str(tmp_path), "--samples", "4"], "too few")]
+           (["--corpus", str(tmp_path), "--samples", "4"], "too few"),
+           (["--corpus", str(tmp_path), "--duration", "nan"], "--duration must be a finite"),
+           (["--corpus", str(tmp_path), "--seed", "-1"], "--seed must be >= 0"),
+           (["--corpus", str(tmp_path), "--out", str(tmp_path / "a_file" / "out")], "is a file")]
+  (tmp_path / "a_file").write_text("")
   for argv, message in cases:
     assert control.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

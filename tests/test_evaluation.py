@@ -228,7 +228,11 @@ def test_eval_command_bad_input_is_one_line(manifest_run, tmp_path, capsys):
   cases = [([plain, "--data", data], "has no codec"),
            ([wd, "--data", str(tmp_path / "nowhere")], "is not a directory"),
            ([wd, "--data", data, "--samples", "3"], "too few"),
-           ([wd, "--data", data, "--samples", "8", "--speed-seconds", "0"], "rendered corpus")]
+           ([wd, "--data", data, "--samples", "8", "--speed-seconds", "0"], "rendered corpus"),
+           ([wd, "--data", data, "--duration", "nan"], "--duration must be a finite number"),
+           ([wd, "--data", data, "--speed-seconds", "inf"], "--speed-seconds must be a finite"),
+           ([wd, "--data", data, "--out", str(tmp_path / "a_file" / "eval")], "is a file")]
+  (tmp_path / "a_file").write_text("")
   for argv, message in cases:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

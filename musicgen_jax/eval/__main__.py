@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
   out = args.out or os.path.join(args.model_dir, "eval")
   try:
     ev.check_settings(settings)
+    from musicgen_jax import cli
+    cli.check_output_dir(out)
     ev.check_model_dir(checkpoint.read_config(args.model_dir), args.model_dir, args.data)
     result = ev.evaluate(args.model_dir, args.data, settings)
   except (ValueError, OSError) as e:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import math
 import os
 import re
 import sys
@@ -566,13 +567,18 @@ def main(argv: list[str] | None = None) -> int:
   try:
     from musicgen_jax import sampling
     sampling.SamplingSettings.from_config({}, **overrides)   # bad values fail before any loading
+    if not (math.isfinite(args.duration) and args.duration > 0):
+      raise ValueError(f"--duration must be a finite number of seconds > 0, got {args.duration}")
+    if args.seed < 0:
+      raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    from musicgen_jax import cli   # the results must have somewhere to go before the work starts
+    cli.check_output_dir(args.listening or args.out, "listening" if args.listening else "out")
     if len(roots) != 1:
       raise ValueError(f"--corpus {args.corpus!r} matches {len(roots)} directories: give one")
     if args.samples < 8:
       raise ValueError(f"--samples {args.samples} is too few to compare rates: use at least 8")
     if manifest.read_counts(roots[0]) is None:
       raise ValueError(f"{roots[0]} is not a built corpus (no counts.json)")
-    from musicgen_jax import cli
     from musicgen_jax.pipeline import MusicGen
     model = MusicGen.load(args.checkpoint or cli.shipped_model())
     if model.codec is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import time
 from typing import Callable
@@ -51,8 +52,13 @@ def check_settings(s: EvalSettings) -> None:
   if s.samples < s.min_samples:
     raise ValueError(f"--samples {s.samples} is too few to compare rates: use at least "
                      f"{s.min_samples}")
-  if s.duration < 0 or s.speed_seconds < 0 or s.batch < 1:
-    raise ValueError("--duration and --speed-seconds must be >= 0 and --batch >= 1")
+  for name, value in (("duration", s.duration), ("speed-seconds", s.speed_seconds)):
+    if not (math.isfinite(value) and value >= 0):
+      raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
+  if s.seed < 0:
+    raise ValueError(f"--seed must be >= 0, got {s.seed}")
+  if s.batch < 1:
+    raise ValueError(f"EvalSettings.batch must be >= 1, got {s.batch}")
 
 
 def check_model_dir(model_config: ml_collections.ConfigDict, model_dir: str, data_dir: str) -> None:
