@@ -26,7 +26,8 @@ def read_audio(path: PathLike) -> tuple[np.ndarray, int]:
   """Reads any format libsndfile decodes (WAV, FLAC, OGG, MP3 with recent libsndfile, ...).
 
   Returns (audio float32 [C, N] in [-1, 1], sample_rate). Raises AudioError (a ValueError) with one
-  line naming the file and the reason when the file is missing or cannot be decoded.
+  line naming the file and the reason when the file is missing, cannot be decoded, holds no
+  samples or holds NaN or infinite ones (a float WAV can).
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -37,6 +38,11 @@ def read_audio(path: PathLike) -> tuple[np.ndarray, int]:
     data_nc, sample_rate = sf.read(path, dtype="float32", always_2d=True)
   except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError / TypeError by format.
     raise AudioError(f"cannot decode audio file {path!r}: {_one_line(e)}") from e
+  if data_nc.size == 0:
+    raise AudioError(f"audio file {path!r} holds no samples: give a file with sound in it")
+  if not np.isfinite(data_nc).all():
+    raise AudioError(f"audio file {path!r} contains NaN or infinite samples: it is damaged; "
+                     "export it again")
   return np.ascontiguousarray(data_nc.T), int(sample_rate)
 
 

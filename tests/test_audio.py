@@ -68,6 +68,19 @@ def test_garbage_file_error_names_file(tmp_path):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("samples, message", [
+    (np.full(320, np.nan, np.float32), "contains NaN or infinite samples"),
+    (np.r_[np.zeros(100), np.inf].astype(np.float32), "contains NaN or infinite samples"),
+    (np.zeros(0, np.float32), "holds no samples")])
+def test_damaged_or_empty_float_file_is_refused(tmp_path, samples, message):
+  import soundfile as sf
+  path = tmp_path / "bad.wav"
+  sf.write(path, samples, 32000, subtype="FLOAT")
+  with pytest.raises(audio_lib.AudioError, match=message) as e:
+    audio_lib.read_audio(path)
+  assert "bad.wav" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_to_channels():
   mono = np.arange(6, dtype=np.float32).reshape(1, 6)
   stereo = np.stack([mono[0], -mono[0] + 2])
