@@ -429,6 +429,8 @@ def test_sharded_training_matches_one_device_and_restores_across_meshes():
     (dict(ema_decay=1.5), r"train.ema_decay must be in \[0, 1\)"),
     (dict(melody_dropout=1.5), r"train.melody_dropout must be in \[0, 1\], got 1.5"),
     (dict(freeze=("lm/(",)), r"train.freeze pattern 'lm/\(' is not a regular expression"),
+    (dict(freeze=("lm/embed_tokens", "nope/x")), r"train.freeze pattern 'nope/x' matches no "
+     r"parameter; names look like lm/embed_tokens, "),
     (dict(stop_at=7), r"train.stop_at must be an integer in \[0, train.num_steps=6\]"),
     (dict(init_fresh="text"), r"init_fresh needs init_from"),
     (dict(init_fresh="lm", init_from="models/demo"), r"init_fresh names 'lm': the parts that can "

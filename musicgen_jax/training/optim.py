@@ -54,6 +54,17 @@ def trainable_fn(frozen_prefixes: Sequence[str], patterns: Sequence[str]) -> Cal
   return trainable
 
 
+def check_freeze(patterns: Sequence[str], params: Any) -> None:
+  """ValueError naming a train.freeze pattern that matches no parameter of `params` (a typo would
+  otherwise train everything), with examples of the names patterns are matched against."""
+  names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for p in patterns:
+    if not any(re.search(p, n) for n in names):
+      shown = ", ".join(sorted({"/".join(n.split("/")[:2]) for n in names})[:8])
+      raise ValueError(f"train.freeze pattern {p!r} matches no parameter; names look like "
+                       f"{shown}, ...")
+
+
 def labels(tree: Any, trainable: Callable[[str], bool]) -> Any:
   """'train' / 'frozen' per leaf of a (possibly boxed) parameter tree."""
   return jax.tree_util.tree_map_with_path(

@@ -26,6 +26,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from musicgen_jax import sharding as shd
+from musicgen_jax.training import optim
 
 NO_BAD_STEP = np.iinfo(np.int32).max
 
@@ -87,6 +88,7 @@ def accumulate(train_step: Callable) -> Callable:
 def build_train_step(task, mesh: Mesh, rules, batch_size: int) -> TrainStep:
   """The task's train step jitted for `mesh`: no device memory is touched (shapes only)."""
   abstract = jax.eval_shape(task.init_state, jax.random.key(0))
+  optim.check_freeze(tuple(task.config.train.get("freeze") or ()), abstract.params)
   state_sh = shd.logical_sharding(abstract, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(abstract), state_sh)
