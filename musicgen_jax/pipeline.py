@@ -125,6 +125,45 @@ def free_device_bytes() -> int | None:
   return min(int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0)) for st in stats)
 
 
+def param_shapes(config: ml_collections.ConfigDict, text) -> dict[str, Any]:
+  """{'lm', 'text'}: the ShapeDtypeStructs of the parameters `config` (and its text conditioner)
+  make, from tracing the initialisers (nothing is computed)."""
+  lm_cfg = lm_lib.LMConfig.from_dict(config.model)
+
+  def init(key):
+    k1, k2 = jax.random.split(key)
+    return {"lm": nn.unbox(lm_lib.init_params(lm_cfg, k1))["params"],
+            "text": nn.unbox(text.init(k2))}
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def check_params(config: ml_collections.ConfigDict, params: dict[str, Any], text,
+                 directory: str) -> None:
+  """CheckpointError (one line) when the LM and text weights of a model directory are not the ones
+  its config makes: a parameter missing, extra, or of another shape (a config edited by hand, or
+  taken from another model), which would otherwise fail deep in the sampler or run wrong."""
+  try:
+    expected = param_shapes(config, text)
+  except (TypeError, ValueError) as e:
+    raise checkpoint.CheckpointError(
+        f"{directory}: its {checkpoint.CONFIG_FILE} does not describe a model "
+        f"({' '.join(str(e).split())}): restore the file or export the model again") from None
+  for part in ("lm", "text"):
+    if part not in params:
+      continue
+    want = {jax.tree_util.keystr(p): x.shape
+            for p, x in jax.tree_util.tree_flatten_with_path(expected[part])[0]}
+    got = {jax.tree_util.keystr(p): np.shape(x)
+           for p, x in jax.tree_util.tree_flatten_with_path(params[part])[0]}
+    for name in sorted(set(want) | set(got)):
+      if want.get(name) != got.get(name):
+        what = ("is missing" if name not in got else "is not made by the config" if name not in want
+                else f"has shape {got[name]}, the config makes {want[name]}")
+        raise checkpoint.CheckpointError(
+            f"{directory}: the weights do not fit its {checkpoint.CONFIG_FILE}: {part}{name} "
+            f"{what}; the config and the weights come from different models")
+
+
 @dataclasses.dataclass
 class MusicGen:
   config: ml_collections.ConfigDict
@@ -154,14 +193,8 @@ class MusicGen:
     directory); default: built from config.text. The shapes come from tracing the initialisers
     (jax.eval_shape), the values from numpy: nothing is compiled.
     """
-    lm_cfg = lm_lib.LMConfig.from_dict(config.model)
     pattern_from_config(config)  # fail on a bad pattern before anything is initialised
     text = text if text is not None else text_conditioner_from_config(config)
-
-    def init(key):
-      k1, k2 = jax.random.split(key)
-      return {"lm": nn.unbox(lm_lib.init_params(lm_cfg, k1))["params"],
-              "text": nn.unbox(text.init(k2))}
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -171,7 +204,7 @@ class MusicGen:
       if name.endswith("bias"):
         return np.zeros(leaf.shape, leaf.dtype)
       return (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-    params = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init, jax.random.key(0)))
+    params = jax.tree_util.tree_map_with_path(fill, param_shapes(config, text))
     return cls(config, params, text, codec_from_config(config))
 
   @classmethod
@@ -186,6 +219,7 @@ class MusicGen:
     config, params = checkpoint.load_model(directory, verify=verify, sharding=sharding)
     config = apply_overrides(config, overrides or {})
     text = text_conditioner_from_config(config, directory)
+    check_params(config, params, text, directory)
     return cls(config, params, text, codec_from_config(config), mesh)
 
   def save(self, directory: str, overwrite: bool = False) -> None:

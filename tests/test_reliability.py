@@ -209,6 +209,32 @@ def test_damaged_model_directory_is_refused(sample, model_dir, tmp_path):
     MusicGen.load(bad, verify=False)
 
 
+@pytest.mark.parametrize("edit, match", [
+    ({"num_layers": 3}, r"the weights do not fit its musicgen_config.json: lm\['layers'\]\S* has "
+     r"shape \(2, .*the config makes \(3, "),
+    ({"ffn_dim": 48}, r"the weights do not fit .*fc1.*the config makes"),
+    ({"dim": "big"}, r"musicgen_config.json does not describe a model")])
+def test_config_that_does_not_fit_the_weights_is_refused(sample, model_dir, tmp_path, edit, match):
+  """A config edited by hand or taken from another model, in a directory without an integrity
+  record (older exports) or loaded without checking it: one line at load, not a failure deep in
+  the sampler or wrong output."""
+  import json
+  bad = str(tmp_path / "bad")
+  shutil.copytree(model_dir, bad)
+  os.remove(os.path.join(bad, integrity.RECORD_FILE))
+  path = os.path.join(bad, checkpoint.CONFIG_FILE)
+  with open(path) as f:
+    config = json.load(f)
+  assert get_config("tiny").model.num_layers == 2 and config["model"]["num_layers"] == 2
+  config["model"].update(edit)
+  with open(path, "w") as f:
+    json.dump(config, f)
+  with pytest.raises(checkpoint.CheckpointError, match=match):
+    MusicGen.load(bad)
+  rc, _, err = sample("--checkpoint", bad, "--prompt", "x", "--duration", "0.1")
+  assert rc == 2 and "Traceback" not in err and re.search(match, one_error_line(err)), err
+
+
 def test_nan_weights_are_refused_naming_the_leaf(tmp_path):
   model = MusicGen.random(get_config("tiny"), seed=1)
   model.params["lm"]["layers"]["fc1"]["kernel"][1, 2, 3] = np.nan
