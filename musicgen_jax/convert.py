@@ -109,6 +109,7 @@ def convert(hf_dir: str, out_dir: str, overwrite: bool = False) -> str:
   from musicgen_jax import checkpoint
   from musicgen_jax.codec.encodec import EncodecConfig
   from musicgen_jax.conditioners.t5 import T5EncoderConfig
+  from musicgen_jax.conditioners.tokenizer import read_tokenizer_file
   from musicgen_jax.interop import musicgen as hf_musicgen
   from musicgen_jax.interop.encodec import encodec_params_from_hf
   from musicgen_jax.interop.t5 import t5_params_from_hf
@@ -125,6 +126,10 @@ def convert(hf_dir: str, out_dir: str, overwrite: bool = False) -> str:
   tokenizer = os.path.join(hf_dir, "tokenizer.json")
   if not os.path.isfile(tokenizer):
     raise ValueError(f"{tokenizer} is missing: save the processor (or tokenizer) into {hf_dir} too")
+  try:
+    read_tokenizer_file(tokenizer)   # a model directory with a tokenizer that does not load is refused
+  except ValueError as e:
+    raise ValueError(f"{e}: save the processor (or tokenizer) into {hf_dir} again") from None
   state = load_state_dict(hf_dir)
 
   lm_cfg = LMConfig.from_dict(config.model)

@@ -219,7 +219,8 @@ def _edit_weights(directory: str, fn) -> None:
   save_file(sd, path)
 
 
-@pytest.mark.parametrize("case", ["bin_only", "model_type", "missing_weight", "wrong_shape", "no_dir"])
+@pytest.mark.parametrize("case", ["bin_only", "model_type", "missing_weight", "wrong_shape", "no_dir",
+                                  "bad_tokenizer"])
 def test_convert_errors_are_one_line(converted, case, tmp_path, capsys):
   model, hf_dir, _ = converted
   if model.config.model_type != "musicgen":
@@ -244,11 +245,37 @@ def test_convert_errors_are_one_line(converted, case, tmp_path, capsys):
     _copy(hf_dir, bad)
     _edit_weights(bad, lambda sd: sd.update({"decoder.lm_heads.2.weight": np.zeros((CARD, 8), np.float32)}))
     expect = "expected shape (64, 32) from config.json, got (64, 8)"
+  elif case == "bad_tokenizer":
+    _copy(hf_dir, bad)
+    with open(os.path.join(bad, "tokenizer.json"), "w") as f:
+      f.write("garbage")
+    expect = (f"cannot load tokenizer file {os.path.join(bad, 'tokenizer.json')!r} (damaged, or not "
+              "a `tokenizers` tokenizer.json?): expected value at line 1 column 1")
   else:
     expect = "does not exist: pass a local save_pretrained directory"
   assert convert.main([bad, str(tmp_path / "out")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("convert: error:") and expect in err and err.count("\n") == 1, err
+
+
+def test_sample_refuses_a_model_whose_tokenizer_does_not_load(converted, tmp_path, monkeypatch,
+                                                               capsys):
+  model, _, out_dir = converted
+  if model.config.model_type != "musicgen":
+    pytest.skip("checked once")
+  bad = _copy(out_dir, str(tmp_path / "bad"))
+  os.remove(os.path.join(bad, "integrity.json"))
+  with open(os.path.join(bad, "tokenizer.json"), "w") as f:
+    f.write("garbage")
+  monkeypatch.chdir(ROOT)
+  import sample
+  assert cli.run_main(sample.main, ["sample.py", "--compile-cache=", "--checkpoint", bad, "--prompt",
+                                    "x", "--duration", "0.05", "--noprogress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == (f"sample.py: error: cannot load tokenizer file "
+                     f"{os.path.join(bad, 'tokenizer.json')!r} (damaged, or not a `tokenizers` "
+                     "tokenizer.json?): expected value at line 1 column 1"), err
+  assert len(err) == 2 and "has no integrity record" in err[0], err
 
 
 def test_convert_cli_exit_code(tmp_path):

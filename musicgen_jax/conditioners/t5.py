@@ -34,6 +34,7 @@ import numpy as np
 import tokenizers
 from flax import linen as nn
 
+from musicgen_jax.conditioners.tokenizer import read_tokenizer_file
 from musicgen_jax.nn.attention import attend
 from musicgen_jax.sharding import BATCH, COND_EMBED, HEAD_DIM, HEADS, LENGTH, MLP, VOCAB
 
@@ -318,7 +319,7 @@ class T5Conditioner:
     if isinstance(config_dict.get("text_encoder"), Mapping):
       config_dict = config_dict["text_encoder"]
     config = T5EncoderConfig.from_hf_dict(config_dict)
-    tokenizer = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    tokenizer = read_tokenizer_file(os.path.join(directory, "tokenizer.json"))
     return cls(config, tokenizer, max_length=max_length, dtype=dtype)
 
   def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:

@@ -20,6 +20,21 @@ _log = logging.getLogger(__name__)
 _PAD_TOKENS = ("<pad>", "[PAD]", "<|pad|>")
 
 
+def read_tokenizer_file(path: Union[str, os.PathLike]):
+  """The `tokenizers.Tokenizer` of a tokenizer.json; ValueError (one line, naming the file) when it
+  is missing or does not parse."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f"tokenizer file {path!r} not found; pass a tokenizer.json or None for the "
+                     "byte-level tokenizer")
+  import tokenizers  # Imported lazily: the byte-level fallback does not need it.
+  try:
+    return tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception for a bad file
+    raise ValueError(f"cannot load tokenizer file {path!r} (damaged, or not a `tokenizers` "
+                     f"tokenizer.json?): {' '.join(str(e).split())}") from None
+
+
 class TextTokenizer:
   """Strings -> padded int32 id / mask arrays. Build with `TextTokenizer.from_file(path or None)`."""
 
@@ -40,15 +55,7 @@ class TextTokenizer:
     """Loads a tokenizer.json (the `tokenizers` format); None gives the byte-level fallback."""
     if path is None:
       return cls(None, PAD_ID)
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-      raise ValueError(f"tokenizer file {path!r} not found; pass a tokenizer.json or None for the "
-                       "byte-level tokenizer")
-    import tokenizers  # Imported lazily: the byte-level fallback does not need it.
-    try:
-      tok = tokenizers.Tokenizer.from_file(path)
-    except Exception as e:
-      raise ValueError(f"cannot load tokenizer file {path!r}: {' '.join(str(e).split())}") from e
+    tok = read_tokenizer_file(path)
     pad_id = None
     if tok.padding is not None:
       pad_id = tok.padding.get("pad_id")
