@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import sys
+import typing
 from typing import Any, Callable, Sequence
 
 import jax
@@ -18,7 +20,7 @@ from flax import linen as nn
 
 from musicgen_jax import checkpoint, lm as lm_lib, lm_decode, patterns, sampling
 from musicgen_jax.conditioners.text import LearnedTextConditioner
-from musicgen_jax.conditioners.tokenizer import TextTokenizer
+from musicgen_jax.conditioners.tokenizer import TextTokenizer, read_tokenizer_file
 
 PATTERN_OPTIONS = ("delays", "flattening", "group_by")
 SEED_LIMIT = 2**32   # jax.random.key keeps 32 bits: larger seeds would alias smaller ones
@@ -70,6 +72,23 @@ def _ceil_frames(duration: float, frame_rate: float) -> int:
   return int(math.ceil(round(duration * frame_rate, 6)))
 
 
+def lm_config(config: ml_collections.ConfigDict) -> lm_lib.LMConfig:
+  """The LMConfig of `config.model`; ValueError naming a field whose value has the wrong type (a
+  hand-edited musicgen_config.json: "dim": "big"), which LMConfig would meet as a bare TypeError."""
+  kinds = {int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number"),
+           str: (str, "a string"), bool: (bool, "true or false")}
+  for name, hint in typing.get_type_hints(lm_lib.LMConfig).items():
+    value = config.model.get(name)
+    optional = type(None) in typing.get_args(hint)
+    want = next((t for t in (typing.get_args(hint) or (hint,)) if t in kinds), None)
+    if want is None or name not in config.model or (optional and value is None):
+      continue
+    ok_type, what = kinds[want]
+    if not isinstance(value, ok_type) or (want is not bool and isinstance(value, bool)):
+      raise ValueError(f"model.{name} must be {what}{' or null' if optional else ''}, got {value!r}")
+  return lm_lib.LMConfig.from_dict(config.model)
+
+
 def pattern_from_config(config: ml_collections.ConfigDict):
   """The codebook pattern named by `config.pattern` with the options that are set."""
   opts = {k: config.pattern.get(k) for k in PATTERN_OPTIONS if config.pattern.get(k) is not None}
@@ -97,13 +116,12 @@ def text_conditioner_from_config(config: ml_collections.ConfigDict, directory: s
                                   num_layers=t.num_layers, num_heads=t.num_heads,
                                   max_length=t.max_length)
   if t.kind == "t5":
-    import tokenizers
     from musicgen_jax.conditioners.t5 import T5Conditioner, T5EncoderConfig
     if not tok_path:
       raise ValueError("config.text.kind is 't5' but no tokenizer.json was found: import a checkpoint "
                        "with `python -m musicgen_jax.convert`")
     return T5Conditioner(T5EncoderConfig.from_hf_dict(t.t5.to_dict()),
-                         tokenizers.Tokenizer.from_file(tok_path), max_length=t.max_length)
+                         read_tokenizer_file(tok_path), max_length=t.max_length)
   raise ValueError(f"config.text.kind must be 'learned' or 't5', got {t.kind!r}")
 
 
@@ -128,7 +146,7 @@ def free_device_bytes() -> int | None:
 def param_shapes(config: ml_collections.ConfigDict, text) -> dict[str, Any]:
   """{'lm', 'text'}: the ShapeDtypeStructs of the parameters `config` (and its text conditioner)
   make, from tracing the initialisers (nothing is computed)."""
-  lm_cfg = lm_lib.LMConfig.from_dict(config.model)
+  lm_cfg = lm_config(config)
 
   def init(key):
     k1, k2 = jax.random.split(key)
@@ -173,7 +191,7 @@ class MusicGen:
   mesh: jax.sharding.Mesh | None = None   # sample across these devices (None: the default device)
 
   def __post_init__(self):
-    self.lm_cfg = lm_lib.LMConfig.from_dict(self.config.model)
+    self.lm_cfg = lm_config(self.config)
     if self.prefix_padding not in ("max_length", "longest"):
       raise ValueError(f"text.prefix_padding must be 'max_length' or 'longest', got "
                        f"{self.prefix_padding!r}")

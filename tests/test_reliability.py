@@ -213,7 +213,9 @@ def test_damaged_model_directory_is_refused(sample, model_dir, tmp_path):
     ({"num_layers": 3}, r"the weights do not fit its musicgen_config.json: lm\['layers'\]\S* has "
      r"shape \(2, .*the config makes \(3, "),
     ({"ffn_dim": 48}, r"the weights do not fit .*fc1.*the config makes"),
-    ({"dim": "big"}, r"musicgen_config.json does not describe a model")])
+    ({"dim": "big"}, r"musicgen_config.json does not describe a model \(model.dim must be an "
+     r"integer, got 'big'\)"),
+    ({"melody": "no"}, r"\(model.melody must be true or false, got 'no'\)")])
 def test_config_that_does_not_fit_the_weights_is_refused(sample, model_dir, tmp_path, edit, match):
   """A config edited by hand or taken from another model, in a directory without an integrity
   record (older exports) or loaded without checking it: one line at load, not a failure deep in

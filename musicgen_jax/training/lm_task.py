@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 from musicgen_jax import checkpoint, lm as lm_lib, sampling, sharding as shd
 from musicgen_jax.conditioners import melody as melody_lib
 from musicgen_jax.conditioners.dropout import drop_condition
-from musicgen_jax.pipeline import WORD_TOKENIZER, pattern_from_config, text_conditioner_from_config
+from musicgen_jax.pipeline import (WORD_TOKENIZER, lm_config, pattern_from_config,
+                                   text_conditioner_from_config)
 from musicgen_jax.training import optim
 
 
@@ -60,7 +61,7 @@ class LMTask:
     self.config = config
     self.mesh = mesh
     self.rules = shd.rules_from_config(config.logical_axis_rules)
-    self.lm_cfg = lm_lib.LMConfig.from_dict(config.model)
+    self.lm_cfg = lm_config(config)
     self.model = lm_lib.MusicGenLM(self.lm_cfg, deterministic=False)
     self.eval_model = lm_lib.MusicGenLM(self.lm_cfg, deterministic=True)
     self.pattern = pattern_from_config(config)
