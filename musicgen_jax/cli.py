@@ -180,6 +180,11 @@ def check_output_dir(path: str, flag: str = "out") -> None:
   _check_writable(path, flag, True, kind="dir")
 
 
+# Audio formats --out could be taken to ask for; only WAV is written (a name ending so would become a
+# directory of WAVs).
+OTHER_AUDIO_EXTENSIONS = (".mp3", ".flac", ".ogg", ".m4a", ".aac", ".opus")
+
+
 @dataclasses.dataclass
 class SampleRequest:
   prompts: list[str]
@@ -231,6 +236,10 @@ class SampleRequest:
       if not f["save-tokens"].endswith(".npy"):
         raise ValueError(f"--save-tokens must name a .npy file, got {f['save-tokens']}")
       _check_writable(f["save-tokens"], "save-tokens", f["overwrite"])
+    ext = os.path.splitext(f["out"] or "")[1].lower()
+    if ext in OTHER_AUDIO_EXTENSIONS:
+      raise ValueError(f"--out {f['out']}: only .wav files are written; give a FILE.wav, or a "
+                       "directory for one WAV per prompt")
     req = cls(prompts, f["duration"], settings, seed, f["out"], f["save-tokens"], f["melody"],
               f["prompt-audio"], f["stride"], f["plot"], f["progress"], f["overwrite"],
               f["max-duration"], f["verbose"])

@@ -94,6 +94,16 @@ def test_unknown_config_field_is_one_line_before_anything_runs(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("name", ["x.mp3", "x.FLAC", "x.ogg", "x.m4a", "x.aac", "x.opus"])
+def test_out_with_another_audio_extension_is_refused(name, sample, tmp_path):
+  """Only WAV is written: --out x.mp3 would otherwise become a directory named x.mp3."""
+  out = tmp_path / name
+  rc, _, err = sample("--prompt", "x", "--duration", "0.1", "--out", str(out))
+  assert rc == 2 and err.strip() == (f"sample.py: error: --out {out}: only .wav files are written; "
+                                     "give a FILE.wav, or a directory for one WAV per prompt"), err
+  assert not out.exists()
+
+
 def test_no_prompt_and_unreadable_checkpoint(sample, tmp_path):
   rc, _, err = sample()
   assert rc == 2 and "no prompt" in err

@@ -27,7 +27,7 @@ from configs.musicgen import get_config
 from musicgen_jax import checkpoint, sharding as shd
 from musicgen_jax.conditioners import melody as melody_lib
 from musicgen_jax.data import synthetic
-from musicgen_jax.training import loop, workdir as workdir_lib
+from musicgen_jax.training import loop, optim, workdir as workdir_lib
 from musicgen_jax.training.lm_task import LMTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,6 +205,26 @@ def test_fine_tuning_starts_from_a_model_directory_with_frozen_embeddings(tmp_pa
   assert moved > 0
   # The starting point really was the model directory: one update of lr <= 3e-3 moves little.
   assert moved < 0.05
+
+
+def test_unreadable_init_from_closes_the_checkpoint_store(tmp_path, monkeypatch):
+  """A damaged init_from stops the run with its one-line error; the checkpoint store (Orbax's
+  background threads) is closed first, so no thread traceback follows at interpreter exit."""
+  from musicgen_jax.pipeline import MusicGen
+  from musicgen_jax.training.checkpoints import CheckpointStore
+  MusicGen.random(get_config("tiny"), seed=3).save(str(tmp_path / "model"))
+  os.remove(tmp_path / "model" / "integrity.json")
+  with open(tmp_path / "model" / checkpoint.PARAMS_FILE, "r+b") as f:
+    f.truncate(1000)
+  closed, close = [], CheckpointStore.close
+  monkeypatch.setattr(CheckpointStore, "close", lambda self: (closed.append(self), close(self)))
+  c = tiny(num_steps=2, eval_every=0)
+  c.init_from = str(tmp_path / "model")
+  with pytest.raises(checkpoint.CheckpointError, match="cannot read the weights"):
+    loop.train(c, str(tmp_path / "run"), out=lambda _: None)
+  assert [store.root for store in closed] == [str(tmp_path / "run" / "checkpoints")]
+  # Orbax's clean-up thread (started with the manager) was waited for; its close() alone does not.
+  assert getattr(closed[0].manager, "_cleanup_tmp_directory_future", None) is None
 
 
 def test_init_fresh_text_starts_a_new_text_encoder_beside_the_models_lm(tmp_path):
@@ -451,6 +471,16 @@ def test_bad_settings_fail_before_anything_is_written(change, match, tmp_path):
   with pytest.raises(ValueError, match=match):
     loop.train(c, str(tmp_path / "run"), out=lambda _: None)
   assert not os.path.exists(tmp_path / "run" / checkpoint.CONFIG_FILE)
+
+
+def test_freeze_patterns_see_value_dict_keys():
+  """A parameter dict key named 'value' (the text encoder's attention) is part of the name that
+  train.freeze matches; only the `value` field of a flax box is left out."""
+  tree = {"attn": {"value": {"kernel": nn.LogicallyPartitioned(np.zeros((2, 2)), ("a", "b"))}}}
+  trainable = optim.trainable_fn((), ("attn/value/",))
+  assert optim.path_name(jax.tree_util.tree_flatten_with_path(tree)[0][0][0]) == "attn/value/kernel"
+  assert jax.tree.leaves(optim.labels(tree, trainable)) == ["frozen"]
+  optim.check_freeze(("attn/value/",), tree)   # the parameter exists: no error
 
 
 def _train_py(*args):

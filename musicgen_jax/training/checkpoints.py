@@ -121,6 +121,10 @@ class CheckpointStore:
 
   def close(self) -> None:
     self.wait()
+    # The manager clears old temporary directories in a thread it starts when it is created, and its
+    # close() does not wait for that: a run that stops before its first save (a bad init_from) would
+    # have the thread cut off at interpreter exit, with a traceback after the error line.
+    getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
     self.manager.close()
 
   def _record_finished(self) -> None:

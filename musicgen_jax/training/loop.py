@@ -257,17 +257,21 @@ class _Run:
     # --- state: restored, or initialised directly with its shardings ---
     store = CheckpointStore(self.workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints,
                             checksums=t.checksums)
-    restored = store.restore_latest(ts.abstract_state, train_iter)
-    if restored is not None:
-      state, start = restored
-      self.out(f"resumed from step {start} ({os.path.join(store.root, str(start))})")
-    else:
-      start = 0
-      state = self._init_state(task, state_sh)
-    # Only now is the directory known to be this config's: write the config and the model files.
-    if primary:
-      checkpoint.write_config(self.workdir, c)
-      task.write_model_files(self.workdir)
+    try:
+      restored = store.restore_latest(ts.abstract_state, train_iter)
+      if restored is not None:
+        state, start = restored
+        self.out(f"resumed from step {start} ({os.path.join(store.root, str(start))})")
+      else:
+        start = 0
+        state = self._init_state(task, state_sh)
+      # Only now is the directory known to be this config's: write the config and the model files.
+      if primary:
+        checkpoint.write_config(self.workdir, c)
+        task.write_model_files(self.workdir)
+    except BaseException:
+      store.close()   # Orbax's threads finish before the error ends the interpreter (a bad init_from)
+      raise
     # --- the loop ---
     writer = metrics_lib.MetricWriter(self.workdir, enabled=primary)
     end = t.get("stop_at") or t.num_steps   # the schedule is num_steps' whatever the end

@@ -24,8 +24,10 @@ def path_name(path) -> str:
   """'lm/layers/fc1/kernel' for a jax tree path (boxes and dict keys alike)."""
   parts = []
   for p in path:
+    if isinstance(p, jax.tree_util.GetAttrKey) and p.name == "value":
+      continue   # the `value` field of a flax LogicallyPartitioned box (a dict key 'value' is kept)
     key = getattr(p, "key", getattr(p, "name", getattr(p, "idx", None)))
-    if key is None or key == "value":   # the `value` field of a flax LogicallyPartitioned box
+    if key is None:
       continue
     parts.append(str(key))
   return "/".join(parts)
