@@ -81,17 +81,25 @@ def _config_error(e: BaseException, argv: list[str]) -> str:
   return f"the config has no field {missing!r}{where}: check the name against the config file"
 
 
+# What a bad flag, config file, variant or --config.* override raises while flags are defined or parsed.
+_FLAG_ERRORS = (flags.Error, OSError, ValueError, AttributeError, KeyError, TypeError)
+
+
+def _exit_flag_error(e: BaseException, argv: list[str]) -> None:
+  prog = os.path.basename(argv[0]) if argv else "musicgen"
+  print(f"{prog}: error: {_config_error(e, argv)}", file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser` for sample.py and train.py: a bad flag, config file or config variant is
   one line and exit 2 (config files are loaded here, not later)."""
-  prog = os.path.basename(argv[0]) if argv else "musicgen"
   try:
     rest = flags.FLAGS(argv)
     for name in _config_flag_names():
       getattr(flags.FLAGS[name].value, "variant", None)   # a config that failed to load raises
-  except (flags.Error, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-    print(f"{prog}: error: {_config_error(e, argv)}", file=sys.stderr)
-    sys.exit(2)
+  except _FLAG_ERRORS as e:
+    _exit_flag_error(e, argv)
   return rest
 
 
@@ -100,10 +108,8 @@ def define_config_flag(name: str, default: str, help_text: str):
   the --NAME.* overrides of sys.argv then) as one line and exit 2."""
   try:
     return config_flags.DEFINE_config_file(name, default, help_text)
-  except (flags.Error, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-    prog = os.path.basename(sys.argv[0]) if sys.argv else "musicgen"
-    print(f"{prog}: error: {_config_error(e, sys.argv)}", file=sys.stderr)
-    sys.exit(2)
+  except _FLAG_ERRORS as e:
+    _exit_flag_error(e, sys.argv)
 
 
 def run_main(main: Callable[[list[str]], Any], argv: list[str]) -> int:
