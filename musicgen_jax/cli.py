@@ -94,12 +94,17 @@ def _exit_flag_error(e: BaseException, argv: list[str]) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser` for sample.py and train.py: a bad flag, config file or config variant is
   one line and exit 2 (config files are loaded here, not later)."""
+  asked_help = any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:])
   try:
     rest = flags.FLAGS(argv)
     for name in _config_flag_names():
       getattr(flags.FLAGS[name].value, "variant", None)   # a config that failed to load raises
   except _FLAG_ERRORS as e:
     _exit_flag_error(e, argv)
+  except SystemExit as e:   # absl prints the usage for --help, then exits 1: asked for, not an error
+    if asked_help and e.code == 1:
+      raise SystemExit(0) from None
+    raise
   return rest
 
 

@@ -128,3 +128,12 @@ def test_export_roundtrip_and_long_form(tmp_path):
   assert long.shape == (1, 4, 100)
   # The first window is an ordinary generation; each later window continues the previous one.
   np.testing.assert_array_equal(long[..., :first.shape[-1]], first)
+
+
+@pytest.mark.parametrize("script", ["sample.py", "train.py"])
+def test_help_is_not_an_error(script):
+  """--help prints the usage and exits 0 (absl exits 1); an unknown flag is still exit 2."""
+  r = run(script, "--help")
+  assert r.returncode == 0 and "python " + script in r.stdout, (r.returncode, r.stderr[-500:])
+  bad = run(script, "--no-such-flag")
+  assert bad.returncode == 2 and "no-such-flag" in bad.stderr and "Traceback" not in bad.stderr
