@@ -24,7 +24,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
       num_codebooks=4, card=2048, dim=1024, num_layers=24, num_heads=16, ffn_dim=4096,
       text_dim=768, text_conditioning="cross", melody=False, num_chroma=12, chroma_length=235,
       max_positions=2048, layer_norm_eps=1e-5, dropout=0.0, dtype="float32", remat="none",
-      scan_unroll=config_dict.placeholder(int)))
+      scan_unroll=config_dict.placeholder(int), beat_clock_rate=0.0))
+  # beat_clock_rate: a beat clock on the audio frames at the tempo the caption names
+  # (conditioners/tempo.py), in frames per second (the codec's frame rate); 0 = none, as in the
+  # released models. To add one to a trained model: init_fresh=beat.
   # scan_unroll: layers per iteration of the train step's layer scan (0: all, no loop; the same stacked
   # parameters and numbers either way). None picks by backend (lm.layer_scan_unroll): unrolled on a
   # GPU, where it is 38% faster and needs a third less memory at the small shape but compiles 5x as

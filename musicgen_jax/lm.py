@@ -8,7 +8,10 @@ Conditioning (chosen by the config):
   * text by cross-attention (MusicGen): T5 / learned-encoder states projected by `enc_to_dec_proj`
     (present when the encoder width differs from the model width), zeroed at padding;
   * prefix (MusicGen-Melody): [chroma projected by `audio_enc_to_dec_proj`, text projected] placed before
-    the token steps, sharing the positions and the causal self-attention.
+    the token steps, sharing the positions and the causal self-attention;
+  * a beat clock (this project's, `beat_clock_rate` > 0): sines of the beat phase at each audio frame,
+    at the tempo the text names (conditioners/tempo.py), projected by `beat_proj` and added to the
+    token steps.
 
 Parameter names mirror Hugging Face's MusicgenForConditionalGeneration / MusicgenMelody decoders, with the
 K embeddings and K heads stacked (see musicgen_jax/interop for the name table).
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from musicgen_jax import sharding as shd
+from musicgen_jax.conditioners import tempo as tempo_lib
 from musicgen_jax.nn.attention import dense
 from musicgen_jax.nn.transformer import BlockConfig, DecoderLayer, layer_norm, sinusoidal_positions
 
@@ -50,6 +54,9 @@ class LMConfig:
   num_chroma: int = 12
   chroma_length: int = 235       # prefix frames of chroma (HF `chroma_length`)
   max_positions: int = 2048      # positions the model was trained for (duration limit)
+  # Frames per second of the beat clock on the audio frames (conditioners/tempo.py; the codec's frame
+  # rate), 0 = none (the released models).
+  beat_clock_rate: float = 0.0
   layer_norm_eps: float = 1e-5
   dropout: float = 0.0
   dtype: str = "float32"         # compute dtype; params are always float32
@@ -67,6 +74,8 @@ class LMConfig:
       raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     if self.remat not in _REMAT:
       raise ValueError(f"model.remat must be one of {_REMAT}, got {self.remat!r}")
+    if self.beat_clock_rate < 0:
+      raise ValueError(f"model.beat_clock_rate must be >= 0 (0: no beat clock), got {self.beat_clock_rate}")
     if self.scan_unroll is not None and (not isinstance(self.scan_unroll, int) or self.scan_unroll < 0):
       raise ValueError(f"model.scan_unroll must be an integer >= 0 (0: all layers unrolled) or None "
                        f"(by backend), got {self.scan_unroll!r}")
@@ -99,10 +108,13 @@ class LMConfig:
 
 @flax.struct.dataclass
 class Conditions:
-  """Raw conditions. text: encoder states [B, L, text_dim] + mask [B, L]; melody: chroma [B, Lm, 12]."""
+  """Raw conditions. text: encoder states [B, L, text_dim] + mask [B, L]; melody: chroma [B, Lm, 12];
+  beat: the beat clock [B, 2] float32 = (the tempo the text names in bpm, 0 = none; the beat phase
+  at audio frame 0), read only by models with a beat clock (conditioners/tempo.py)."""
   text: jax.Array | None = None
   text_mask: jax.Array | None = None
   melody: jax.Array | None = None
+  beat: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -111,6 +123,7 @@ class CondTensors:
   cross: jax.Array | None = None        # [B, L, D]
   cross_mask: jax.Array | None = None   # [B, L] bool
   prefix: jax.Array | None = None       # [B, P, D]
+  beat: jax.Array | None = None         # [B, 2] the beat clock (beat-clock models only)
 
 
 def _remat_policy(name: str):
@@ -148,6 +161,14 @@ class MusicGenLM(nn.Module):
     if c.melody and c.num_chroma != c.dim:
       self.audio_enc_to_dec_proj = dense(c.dim, (shd.COND_EMBED, shd.EMBED), dt, jnp.float32,
                                          use_bias=True)
+    if c.beat_clock_rate:
+      # Zero-initialised, so a clock added to a trained model (init_fresh=beat) starts it unchanged:
+      # the clock is in phase with the beats, so the frame's own tokens give its projection a
+      # gradient at zero (an arbitrary-phase clock, which helps only by comparing two frames'
+      # phases, had none there: models/demo/TRAINING.md).
+      self.beat_proj = self.param("beat_proj", nn.with_logical_partitioning(
+          nn.initializers.zeros, (None, shd.EMBED)), (tempo_lib.NUM_FEATURES, c.dim),
+          jnp.float32)
     block = BlockConfig(c.dim, c.num_heads, c.ffn_dim, c.cross_attention, c.layer_norm_eps, c.dropout,
                         dt, jnp.float32)
     layer_cls = DecoderLayer
@@ -178,11 +199,14 @@ class MusicGenLM(nn.Module):
       mask = (jnp.ones(text.shape[:2], bool) if conds.text_mask is None
               else conds.text_mask.astype(bool))
       text = text * mask[..., None]
+    beat = None
+    if c.beat_clock_rate and conds.beat is not None:
+      beat = jnp.asarray(conds.beat, jnp.float32)
     if c.text_conditioning == "cross":
       prefix = self._melody_prefix(conds)
-      return CondTensors(cross=text, cross_mask=mask, prefix=prefix)
+      return CondTensors(cross=text, cross_mask=mask, prefix=prefix, beat=beat)
     parts = [p for p in (self._melody_prefix(conds), text) if p is not None]
-    return CondTensors(prefix=jnp.concatenate(parts, axis=1) if parts else None)
+    return CondTensors(prefix=jnp.concatenate(parts, axis=1) if parts else None, beat=beat)
 
   def _melody_prefix(self, conds: Conditions):
     c = self.cfg
@@ -201,6 +225,15 @@ class MusicGenLM(nn.Module):
     x = sum(self.embed_tokens[k][tokens_bkn[:, k]] for k in range(self.cfg.num_codebooks))
     return x + sinusoidal_positions(pos_n, self.cfg.dim)[None]
 
+  def beat_clock(self, frames_n: jax.Array, beat_b: jax.Array | None, batch: int) -> jax.Array:
+    """The beat clock's contribution to the audio steps at frames [N] -> [B, N, D] float32 (zeros
+    without a clock or a tempo)."""
+    c = self.cfg
+    if not c.beat_clock_rate or beat_b is None:
+      return jnp.zeros((batch, frames_n.shape[0], c.dim), jnp.float32)
+    feats = tempo_lib.beat_features(frames_n, beat_b, c.beat_clock_rate)
+    return jnp.einsum("bnf,fd->bnd", feats, self.beat_proj)
+
   def heads(self, x_bnd: jax.Array) -> jax.Array:
     """Final LayerNorm and the K heads -> logits [B, K, N, card] float32."""
     h = self.layer_norm(x_bnd).astype(self.cfg.compute_dtype)
@@ -214,7 +247,7 @@ class MusicGenLM(nn.Module):
   def __call__(self, tokens_bks: jax.Array, conds: Conditions) -> jax.Array:
     """Full forward: steps [B, K, S] -> logits [B, K, S, card] (logit at step s predicts step s+1)."""
     cond = self.project_conditions(conds)
-    x, p = self._with_prefix(tokens_bks, cond.prefix, 0)
+    x, p = self._with_prefix(tokens_bks, cond.prefix, 0, conds.beat)
     ctx = {}
     if cond.cross is not None:
       ctx["cond"] = cond.cross
@@ -222,10 +255,14 @@ class MusicGenLM(nn.Module):
     x, _ = self.layers(x.astype(self.cfg.compute_dtype), ctx)
     return self.heads(x[:, p:])
 
-  def _with_prefix(self, tokens_bkn, prefix: jax.Array | None, offset):
-    """Embeds tokens at positions P + offset.. and prepends the prefix [B, P, D] (if any) at 0..P-1."""
+  def _with_prefix(self, tokens_bkn, prefix: jax.Array | None, offset, beat_b=None):
+    """Embeds tokens at positions P + offset.. (with the beat clock at frames offset..) and prepends
+    the prefix [B, P, D] (if any) at 0..P-1."""
     p = 0 if prefix is None else prefix.shape[1]
-    x = self.embed(tokens_bkn, p + offset + jnp.arange(tokens_bkn.shape[-1]))
+    frames_n = offset + jnp.arange(tokens_bkn.shape[-1])
+    x = self.embed(tokens_bkn, p + frames_n)
+    if self.cfg.beat_clock_rate:
+      x = x + self.beat_clock(frames_n, beat_b, tokens_bkn.shape[0])
     if p:
       pre = prefix + sinusoidal_positions(jnp.arange(p), self.cfg.dim)[None]
       x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)

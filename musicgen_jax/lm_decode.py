@@ -28,6 +28,7 @@ from flax import linen as nn
 
 from musicgen_jax import lm as lm_lib
 from musicgen_jax import sharding as shd
+from musicgen_jax.conditioners import tempo as tempo_lib
 from musicgen_jax.nn.attention import attend
 from musicgen_jax.nn.transformer import sinusoidal_positions
 
@@ -58,6 +59,7 @@ class ServingWeights:
   final_norm: Norm
   heads: jax.Array                    # [K, card, D]: the K heads, one matmul
   cross_kv: jax.Array | None          # [L, D, 2, D]: cross-attention k, v kernels (used once)
+  beat_proj: jax.Array | None = None  # [F, D] float32: the beat clock's projection (if the model has one)
 
 
 def _no_constraint(x: jax.Array, axes: tuple) -> jax.Array:
@@ -101,7 +103,7 @@ def serving_weights(cfg: lm_lib.LMConfig, params: Any,
   heads = constrain(p["lm_heads"].astype(dt), (shd.CODEBOOKS, shd.VOCAB, shd.EMBED))
   return ServingWeights(embed=p["embed_tokens"], layers=layers,
                         final_norm=(p["layer_norm"]["scale"], p["layer_norm"]["bias"]), heads=heads,
-                        cross_kv=cross_kv)
+                        cross_kv=cross_kv, beat_proj=p.get("beat_proj") if cfg.beat_clock_rate else None)
 
 
 def init_caches(cfg: lm_lib.LMConfig, batch: int, length: int) -> Caches:
@@ -148,13 +150,18 @@ def cross_kv(cfg: lm_lib.LMConfig, w: ServingWeights, cond_bld: jax.Array | None
 
 
 def embed(cfg: lm_lib.LMConfig, w: ServingWeights, tokens_bkn: jax.Array, pos,
-          prefix: jax.Array | None = None) -> jax.Array:
+          prefix: jax.Array | None = None, beat: jax.Array | None = None,
+          frame=0) -> jax.Array:
   """The decoder input of a chunk in the compute dtype [B, P + N, D]: the prefix [B, P, D] (if any) at
-  positions pos..pos+P-1, then the sum of the K codebook embeddings of tokens [B, K, N]."""
+  positions pos..pos+P-1, then the sum of the K codebook embeddings of tokens [B, K, N], with the
+  beat clock [B, 2] at audio frames frame..frame+N-1 (beat-clock models)."""
   p = 0 if prefix is None else prefix.shape[1]
   n = tokens_bkn.shape[-1]
   x = sum(w.embed[k][tokens_bkn[:, k]] for k in range(cfg.num_codebooks))
   x = x + sinusoidal_positions(pos + p + jnp.arange(n), cfg.dim)[None]
+  if w.beat_proj is not None and beat is not None:
+    feats = tempo_lib.beat_features(frame + jnp.arange(n), beat, cfg.beat_clock_rate)
+    x = x + jnp.einsum("bnf,fd->bnd", feats, w.beat_proj)
   if p:
     pre = prefix + sinusoidal_positions(pos + jnp.arange(p), cfg.dim)[None]
     x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
@@ -283,11 +290,12 @@ def _logits(cfg: lm_lib.LMConfig, w: ServingWeights, x_bnd: jax.Array) -> jax.Ar
 
 
 def decode(cfg: lm_lib.LMConfig, w: ServingWeights, tokens_bkn: jax.Array, caches: Caches, pos,
-           cross: Caches | None = None,
-           cross_mask: jax.Array | None = None) -> tuple[jax.Array, Caches]:
+           cross: Caches | None = None, cross_mask: jax.Array | None = None,
+           beat: jax.Array | None = None, prefix_len: int = 0) -> tuple[jax.Array, Caches]:
   """Steps tokens [B, K, N] at positions pos..pos+N-1 (traced) against the caches: a plain loop over
-  the layers. Returns (logits [B, K, N, card] float32, the updated caches)."""
-  x = embed(cfg, w, tokens_bkn, pos)
+  the layers (audio frames pos - prefix_len.., for the beat clock [B, 2]). Returns (logits
+  [B, K, N, card] float32, the updated caches)."""
+  x = embed(cfg, w, tokens_bkn, pos, beat=beat, frame=pos - prefix_len)
   new_caches = []
   for i, lw in enumerate(w.layers):
     x, kv = _layer(cfg, lw, x, caches[i], pos, None if cross is None else cross[i], cross_mask)
@@ -297,11 +305,13 @@ def decode(cfg: lm_lib.LMConfig, w: ServingWeights, tokens_bkn: jax.Array, cache
 
 def prefill(cfg: lm_lib.LMConfig, w: ServingWeights, tokens_bkn: jax.Array, caches: Caches,
             cross: Caches | None = None, cross_mask: jax.Array | None = None,
-            prefix: jax.Array | None = None) -> tuple[jax.Array, Caches]:
-  """The first chunk: the prefix [B, P, D] (if any) and tokens [B, K, N] at positions 0..P+N-1, with a
-  scan over the stacked layers; their keys and values are written at the start of the caches.
+            prefix: jax.Array | None = None,
+            beat: jax.Array | None = None) -> tuple[jax.Array, Caches]:
+  """The first chunk: the prefix [B, P, D] (if any) and tokens [B, K, N] at positions 0..P+N-1 (audio
+  frames 0..N-1, for the beat clock [B, 2]), with a scan over the stacked layers; their
+  keys and values are written at the start of the caches.
   Returns (logits [B, K, N, card] float32 of the token steps, the caches)."""
-  x = embed(cfg, w, tokens_bkn, 0, prefix)
+  x = embed(cfg, w, tokens_bkn, 0, prefix, beat=beat)
   stack = lambda layers: jax.tree.map(lambda *a: jnp.stack(a), *layers)   # one transient copy
   xs = (stack(w.layers), None if cross is None else stack(cross))
 

@@ -298,8 +298,12 @@ class MusicGen:
     return frames
 
   # --- conditions and generation ----------------------------------------------------------------
-  def conditions(self, texts: Sequence[str], chroma: np.ndarray | None = None) -> lm_lib.Conditions:
-    """Text (and melody chroma [B, frames, 12]) -> Conditions for the LM."""
+  def conditions(self, texts: Sequence[str], chroma: np.ndarray | None = None,
+                 start_frame: int = 0, beat_phase=0.0) -> lm_lib.Conditions:
+    """Text (and melody chroma [B, frames, 12]) -> Conditions for the LM. Beat-clock models also get
+    the tempo each text names, at beat phase `beat_phase` (default: on a beat; [B] or a number)
+    `start_frame` frames before the first (conditioners/tempo.py; long-form windows after the first
+    pass how far in they start)."""
     batch = {k: jnp.asarray(v) for k, v in self.text.tokenize(list(texts)).items()}
     hidden, mask = self._encode_text(self.params["text"], batch)
     empty = np.array([not t.strip() for t in texts])
@@ -320,19 +324,26 @@ class MusicGen:
         chroma = melody_lib.null_chroma(len(texts), self.lm_cfg.chroma_length, self.lm_cfg.num_chroma)
       # Tiled / cut to chroma_length frames, as the reference does with a shorter or longer melody.
       melody = jnp.asarray(self.melody_window(np.asarray(chroma), 0.0), jnp.float32)
-    return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody)
+    beat = None
+    if self.lm_cfg.beat_clock_rate:
+      from musicgen_jax.conditioners import tempo
+      beat = jnp.asarray(tempo.sampling_beat(texts, start_frame, self.lm_cfg.beat_clock_rate,
+                                             beat_phase))
+    return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody, beat=beat)
 
   def generate(self, texts: Sequence[str], duration: float,
                settings: sampling.SamplingSettings = sampling.SamplingSettings(), seed: int = 0,
                prompt: np.ndarray | None = None, chroma: np.ndarray | None = None,
-               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """-> codes int32 [B, K, T] for T = ceil(duration * frame_rate)."""
+               progress: Callable[[int, int], None] | None = None, start_frame: int = 0
+               ) -> np.ndarray:
+    """-> codes int32 [B, K, T] for T = ceil(duration * frame_rate). `start_frame`: where the output
+    (its prompt included) starts in a longer piece (long-form windows; the beat clock's phase)."""
     seed = check_seed(seed)
     frames = self.frames_for(duration)
     if prompt is not None and prompt.shape[-1] > frames:
       raise ValueError(f"the prompt has {prompt.shape[-1]} frames, more than the {frames} requested: "
                        "ask for a longer duration")
-    conds = self.conditions(texts, chroma)
+    conds = self.conditions(texts, chroma, start_frame)
     codes = sampling.generate({"params": self.params["lm"]}, self.lm_cfg, self.pattern, conds, frames,
                               seed=seed, settings=settings,
                               prompt=None if prompt is None else jnp.asarray(prompt), progress=progress,
@@ -340,11 +351,12 @@ class MusicGen:
     return np.asarray(codes)
 
   def frame_nll(self, codes: np.ndarray, texts: Sequence[str],
-                chroma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                chroma: np.ndarray | None = None, beat_phase=0.0) -> tuple[np.ndarray, np.ndarray]:
     """Teacher-forced -log p of codes [B, K, T] given texts (and melody chroma), per frame ->
     (nll float64 [B, T]: summed over the codebooks the pattern predicts at that frame, tokens
     int [T]: how many that is), under the conditions sampling uses (the same text padding, null
-    text for '', melody window). token_ce averages it."""
+    text for '', melody window; for beat-clock models the recording's beat phase at its first
+    frame, [B] or a number). token_ce averages it."""
     codes = jnp.asarray(codes, jnp.int32)
     if codes.ndim != 3 or codes.shape[1] != self.lm_cfg.num_codebooks or codes.shape[0] != len(texts):
       raise ValueError(f"codes must be [B={len(texts)}, K={self.lm_cfg.num_codebooks}, T], got "
@@ -361,7 +373,8 @@ class MusicGen:
         w_kt = jnp.asarray(mask_kt, jnp.float32)
         return jnp.sum(nll_bkt * w_kt[None], axis=1), jnp.sum(w_kt, axis=0)
       self._frame_nll = jax.jit(nll)
-    nll_bt, tokens_t = self._frame_nll(self.params["lm"], codes, self.conditions(texts, chroma))
+    nll_bt, tokens_t = self._frame_nll(self.params["lm"], codes,
+                                       self.conditions(texts, chroma, beat_phase=beat_phase))
     return np.asarray(nll_bt, np.float64), np.asarray(tokens_t).astype(np.int64)
 
   def token_ce(self, codes: np.ndarray, texts: Sequence[str], chroma: np.ndarray | None = None,
@@ -449,7 +462,7 @@ class MusicGen:
       i += 1
       start = codes.shape[-1] - keep
       new = self.generate(texts, window, settings, window_seed(seed, i), codes[..., start:],
-                          melody(start / self.frame_rate), progress)
+                          melody(start / self.frame_rate), progress, start_frame=start)
       codes = np.concatenate([codes, new[..., keep:]], axis=-1)
     return codes[..., :total]
 

@@ -115,14 +115,16 @@ def sample_tokens(logits_bkc: jax.Array, rng: jax.Array, temperature, top_k: int
 
 def null_conditions(conds: lm_lib.Conditions) -> lm_lib.Conditions:
   """The unconditional input of the released models: the null text condition (zero states, zero mask;
-  conditioners/dropout.py) and, for melody models, the null chroma (conditioners/melody.py)."""
+  conditioners/dropout.py), for melody models the null chroma (conditioners/melody.py), and no
+  tempo (bpm 0: a silent beat clock, conditioners/tempo.py)."""
   text = mask = melody = None
   if conds.text is not None:
     mask = conds.text_mask if conds.text_mask is not None else jnp.ones(conds.text.shape[:2], jnp.int32)
     text, mask = dropout_lib.null_condition_like(conds.text, mask)
   if conds.melody is not None:
     melody = jnp.asarray(melody_lib.null_chroma(*conds.melody.shape), conds.melody.dtype)
-  return lm_lib.Conditions(text=text, text_mask=mask, melody=melody)
+  beat = None if conds.beat is None else jnp.zeros_like(conds.beat)
+  return lm_lib.Conditions(text=text, text_mask=mask, melody=melody, beat=beat)
 
 
 def _pair_rows(a: lm_lib.Conditions, b: lm_lib.Conditions) -> lm_lib.Conditions:
@@ -248,9 +250,10 @@ def _stages(cfg: lm_lib.LMConfig, pattern, num_timesteps: int, prompt_len: int, 
       toks = jnp.repeat(tokens_bkn, 2, axis=0) if cfg_mode == "batch" else tokens_bkn
       if with_prefix:   # the first chunk (pos 0): a scan over the layers, compiled once
         lg, cache = lm_decode.prefill(cfg, st.weights, toks, cache, ckv, tensors.cross_mask,
-                                      tensors.prefix)
+                                      tensors.prefix, beat=tensors.beat)
       else:
-        lg, cache = lm_decode.decode(cfg, st.weights, toks, cache, pos, ckv, tensors.cross_mask)
+        lg, cache = lm_decode.decode(cfg, st.weights, toks, cache, pos, ckv, tensors.cross_mask,
+                                     beat=tensors.beat, prefix_len=st.prefix_len)
       logits.append(lg[:, :, -1])
       new_caches.append(constrain_caches(cache))
     if cfg_mode == "none":

@@ -136,6 +136,43 @@ def test_transposition_moves_the_estimated_key():
   assert len({m for _, m in estimates}) == 1, estimates
 
 
+def _stand_in(notes_nf, meter="4/4", beat_q=1.0) -> scores.Piece:
+  return scores.Piece(ref=scores.PieceRef("stand-in"), title="", composer="",
+                      notes_nf=np.asarray(notes_nf, np.float64), meter=meter, beat_q=beat_q,
+                      tonic_pc=0, mode="major", key_source="score", num_parts=1)
+
+
+def test_first_beat_follows_the_pickup():
+  """An eighth-note pickup before the barline puts the first beat an eighth in; 6/8's beat is a
+  dotted quarter; a piece with no note on a beat has no grid."""
+  choices = render.Choices(program=PIANO, bpm=120, transpose=0, octaves=0, velocity=90)
+  pickup = _stand_in([(0, 0.5, 60, 0, 0.25), (0.5, 1, 62, 0, 1.0), (1.5, 1, 64, 0, 0.5)])
+  assert render.first_beat_seconds(pickup, choices) == pytest.approx(0.25)   # 0.5 s a quarter
+  jig = _stand_in([(0, 0.5, 60, 0, 0.25), (0.5, 0.5, 62, 0, 0.25), (1.0, 1.5, 64, 0, 1.0)],
+                  "6/8", 1.5)   # two eighths before the barline; 120 dotted quarters a minute
+  assert render.first_beat_seconds(jig, choices) == pytest.approx(1.0 / 3.0)
+  assert render.first_beat_seconds(_stand_in([(0, 1, 60, 0, 0.125)]), choices) is None
+
+
+@needs_synth
+def test_first_beat_grid_falls_on_the_rendered_onsets():
+  """The beat grid (first_beat, then every 60 / bpm s) of a hornpipe with an eighth-note pickup and
+  of a chorale, rendered on piano: the audio's onset strength is higher on it than on the grid moved
+  by any multiple of an eighth of a beat (half a beat: the hornpipe's pickup ignored)."""
+  from musicgen_jax.conditioners import tempo
+  for piece in (_pieces("ryansMammoth")[0], _pieces("bach")[0]):
+    choices = render.Choices(program=PIANO, bpm=100, transpose=0, octaves=0, velocity=90)
+    out = render.render(piece, choices, soundfont_path=render.find_soundfont("timgm6mb"),
+                        max_seconds=8.0)
+    first = render.first_beat_seconds(piece, choices)
+    env = librosa.onset.onset_strength(y=out.audio_n / 32768.0, sr=SR, hop_length=320)
+    times = librosa.frames_to_time(np.arange(env.size), sr=SR, hop_length=320)
+    phase = np.asarray([tempo.beat_phase(t, first, choices.bpm) for t in times])
+    strength = [env[np.abs((phase - shift + 0.5) % 1 - 0.5) < 0.06].mean()
+                for shift in np.arange(8) / 8]
+    assert strength[0] > 1.1 * max(strength[1:]), (piece.ref.piece_id, first, strength)
+
+
 @needs_synth
 def test_melody_line_follows_the_audio():
   """A monophonic fiddle tune: the stored melody's pitch class is the loudest chroma bin of the
@@ -318,7 +355,7 @@ class _Renders:
   def decode(self, codes):
     return codes
 
-  def frame_nll(self, codes, texts, chroma):   # every frame as likely under any caption
+  def frame_nll(self, codes, texts, chroma, beat_phase=0.0):   # as likely under any caption
     frames = int(codes.shape[-1] / SR * self.frame_rate)
     return np.ones((len(texts), frames)), np.full((frames,), 4)
 

@@ -153,7 +153,7 @@ class _ReadsTheKeyOnlyWithoutMelody:
     return np.zeros((len(audio), 4, int(audio.shape[-1] / self.sample_rate * self.frame_rate)),
                     np.int32)
 
-  def frame_nll(self, codes, texts, chroma):
+  def frame_nll(self, codes, texts, chroma, beat_phase=0.0):
     from musicgen_jax.conditioners import melody as melody_lib
     null = np.all(chroma == melody_lib.null_chroma(1, chroma.shape[1]), axis=(1, 2))
     other = np.array([t not in self.own for t in texts])

@@ -64,10 +64,11 @@ def _cached_logits(model: lm_lib.MusicGenLM, params, tokens_bks, conds, chunks, 
       caches = lm_decode.grow_caches(caches, caches[0][0].shape[2] + cache_room)
     chunk = tokens_bks[:, :, start:start + n]
     if i == 0:
-      logits, caches = lm_decode.prefill(cfg, w, chunk, caches, ckv, cond.cross_mask, cond.prefix)
+      logits, caches = lm_decode.prefill(cfg, w, chunk, caches, ckv, cond.cross_mask, cond.prefix,
+                                         beat=cond.beat)
     else:
       logits, caches = lm_decode.decode(cfg, w, chunk, caches, jnp.int32(p + start), ckv,
-                                        cond.cross_mask)
+                                        cond.cross_mask, beat=cond.beat, prefix_len=p)
     out.append(logits)
     start += n
   return jnp.concatenate(out, axis=2)

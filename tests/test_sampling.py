@@ -31,12 +31,13 @@ GREEDY = sampling.SamplingSettings(top_k=1)
 # ---- reference ---------------------------------------------------------------------------------------
 def _null(conds: lm_lib.Conditions) -> lm_lib.Conditions:
   """The unconditional input, written independently: zero text with an all-zero mask; for melody the
-  chroma of silence, one-hot on pitch class 0."""
+  chroma of silence, one-hot on pitch class 0; no tempo for the beat clock."""
   melody = None
   if conds.melody is not None:
     melody = jnp.zeros_like(conds.melody).at[..., 0].set(1.0)
   return lm_lib.Conditions(text=jnp.zeros_like(conds.text), text_mask=jnp.zeros_like(conds.text_mask),
-                           melody=melody)
+                           melody=melody,
+                           beat=None if conds.beat is None else jnp.zeros_like(conds.beat))
 
 
 def reference_greedy(lm: TinyLM, pattern, conds, num_timesteps: int, cfg_coef: float,

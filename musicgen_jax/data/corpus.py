@@ -14,7 +14,9 @@ corpus as it reads a manifest, plus the ground truth as separate features):
                                metadata, with melody_frame_rate and the corpus config)
     caption     text
     metadata    text: JSON of every field below plus source, title, composer, key ("G major"),
-                key_source, seconds, rendering, soundfont
+                key_source, seconds, rendering, soundfont, and first_beat (seconds to the first
+                beat of the score's beat grid, render.first_beat_seconds; absent when no note
+                falls on a beat): with bpm, the beat phase of every frame (the LM's beat clock)
     melody      int16 [T]      skyline MIDI pitch per frame at melody_frame_rate Hz, -1 = no note
     piece_id, collection, key_tonic ("F#"), key_mode ("minor", "dorian", ...), meter ("6/8"),
     instrument, family   text;   bpm (beats of the meter per minute), program (GM, 0-based),
@@ -52,7 +54,7 @@ from musicgen_jax.data import captions, manifest, render, scores, tfds_compat
 
 _log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"   # 2: metadata has first_beat
 COUNTS_FILE = manifest.COUNTS_FILE
 SPLITS = ("train", "validation", "test")
 SKIP_REASONS = ("unparsable", "no_notes", "render_failed", "too_short")
@@ -234,6 +236,9 @@ def _example(piece: scores.Piece, choices: render.Choices, out: render.Rendering
               composer=piece.composer, key=f"{tonic} {piece.mode}", key_source=piece.key_source,
               seconds=round(out.audio_n.size / config.sample_rate, 3), rendering=index,
               soundfont=config.soundfont)
+  first_beat = render.first_beat_seconds(piece, choices)
+  if first_beat is not None:
+    meta["first_beat"] = round(first_beat, 4)
   audio_cn = np.repeat(out.audio_n[None], config.channels, axis=0)
   return dict(truth, audio=audio_cn, caption=text, metadata=json.dumps(meta), melody=out.melody_t)
 

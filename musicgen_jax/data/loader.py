@@ -42,6 +42,7 @@ from typing import Any, Callable
 import grain
 import numpy as np
 
+from musicgen_jax.conditioners import tempo
 from musicgen_jax.data import manifest as manifest_lib
 from musicgen_jax.data import synthetic
 from musicgen_jax.data import token_cache
@@ -389,12 +390,16 @@ class Crop(grain.transforms.MapWithIndex):
   under the real part of the crop, from round(start / frame_rate * chroma_rate), tiled to
   chroma_length (as MusicGen.melody_window tiles a short melody), one-hot float32 [C, 12]; items
   without chroma get the null melody (pitch class C), as pipeline.MusicGen.conditions does.
+  Beat grid (when `beat`, for beat-clock models): float32 [2] = (the metadata's bpm, the beat phase
+  at the crop's first frame), from the metadata's bpm and first_beat (seconds, the corpus's) and the
+  cache window's offset_seconds; NaN when the item's beats are not known.
   """
   frames: int
   frame_rate: float
   chroma_rate: float = 0.0
   chroma_length: int = 0
   seed: int = 0
+  beat: bool = False
 
   def map_with_index(self, index: int, item: dict) -> dict:
     codes_kf = np.asarray(item["codes"])
@@ -409,7 +414,20 @@ class Crop(grain.transforms.MapWithIndex):
           "weight": np.float32(1.0)}
     if self.chroma_length:
       ex["chroma"] = self.chroma(item.get("chroma"), start, real)
+    if self.beat:
+      ex["beat_grid"] = self.beat_grid(item.get("metadata"), start)
     return ex
+
+  def beat_grid(self, metadata, start: int) -> np.ndarray:
+    try:
+      meta = json.loads(_text(metadata)) if metadata else {}
+      bpm, first = float(meta["bpm"]), float(meta["first_beat"])
+      seconds = float(meta.get("offset_seconds", 0.0)) + start / self.frame_rate
+    except (ValueError, TypeError, KeyError):
+      return np.full((2,), np.nan, np.float32)
+    if not (math.isfinite(bpm) and bpm > 0 and math.isfinite(first)):
+      return np.full((2,), np.nan, np.float32)
+    return np.asarray([bpm, tempo.beat_phase(seconds, first, bpm)], np.float32)
 
   def chroma(self, ids: np.ndarray | None, start: int, real: int) -> np.ndarray:
     ids = np.zeros((1,), np.uint8) if ids is None or len(ids) == 0 else np.asarray(ids)
@@ -424,6 +442,8 @@ class Crop(grain.transforms.MapWithIndex):
           "frame_mask": np.zeros((self.frames,), bool), "caption": "", "weight": np.float32(0.0)}
     if self.chroma_length:
       ex["chroma"] = self.chroma(None, 0, self.frames)
+    if self.beat:
+      ex["beat_grid"] = np.full((2,), np.nan, np.float32)
     return ex
 
 
@@ -463,12 +483,22 @@ def _stack(examples: list[dict]) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Tokenize(grain.transforms.Map):
-  """Batch captions -> input_ids / attention_mask int32 [b, L] with the text conditioner."""
+  """Batch captions -> input_ids / attention_mask int32 [b, L] with the text conditioner; with a
+  beat grid (Crop.beat), the beat clock float32 [b, 2] = (the tempo the caption names, the beat phase
+  at the first frame), zero where the caption names no tempo, names another than the metadata's, or
+  the item's beats are not known (conditioners/tempo.py)."""
   tokenizer: Any
 
   def map(self, batch: dict) -> dict:
     batch = dict(batch)
-    tok = self.tokenizer.tokenize(list(batch.pop("caption")))
+    texts = list(batch.pop("caption"))
+    grid = batch.pop("beat_grid", None)
+    if grid is not None:
+      named = tempo.named_bpms(texts)
+      known = np.isfinite(grid).all(axis=1) & (np.abs(named - np.nan_to_num(grid[:, 0])) < 0.5)
+      batch["beat"] = np.where(known[:, None], np.stack([named, np.nan_to_num(grid[:, 1])], 1),
+                               0.0).astype(np.float32)
+    tok = self.tokenizer.tokenize(texts)
     batch["input_ids"] = np.asarray(tok["input_ids"], np.int32)
     batch["attention_mask"] = np.asarray(tok["attention_mask"], np.int32)
     return batch
@@ -509,7 +539,8 @@ def make_dataset(source, config, tokenizer, *, process_index: int = 0, process_c
   seed = int(t.seed)
   crop = Crop(int(round(float(t.segment_seconds) * frame_rate)), frame_rate,
               float(config.codec.sample_rate) / token_cache.CHROMA_HOP if melody else 0.0,
-              int(config.model.chroma_length) if melody else 0, seed=seed)
+              int(config.model.chroma_length) if melody else 0, seed=seed,
+              beat=bool(config.model.get("beat_clock_rate", 0.0)))
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = EpochShuffle(ds, seed)
@@ -544,6 +575,8 @@ def make_iterator(config, split: str, tokenizer, *, workdir: str, process_index:
 
       codes int32 [b, K, T]   frame_mask bool [b, T]   input_ids, attention_mask int32 [b, L]
       chroma float32 [b, C, 12] (melody models)   weight float32 [b] (0 on padding examples)
+      beat float32 [b, 2] (beat-clock models: the tempo each caption names, 0 = none, and the beat
+      phase at the first frame; Tokenize)
 
   T = round(segment_seconds * frame_rate). num_epochs None: endless. prepare_data must have run.
   """

@@ -6,7 +6,8 @@ The manifest has one JSON object per line, as audiocraft's manifests do:
      "key": "C minor", "genre": "lofi", "moods": ["calm"], "instrument": "piano"}
 
 `path` is absolute or relative to the manifest's folder; `description` is the caption; the other
-fields are optional and kept as metadata. Files are decoded and resampled with librosa (soundfile +
+fields are optional and kept as metadata (`first_beat`, the seconds to the first beat of a file at a
+steady `bpm`, gives beat-clock models the beats' phase: conditioners/tempo.py). Files are decoded and resampled with librosa (soundfile +
 soxr_hq) to the codec's sample rate and channel count (mixed down to mono by channel mean, or mono
 duplicated to stereo), and stored as **int16** [C, N] (half of float32, the precision of most
 source files; samples are scaled by 2^15 and clipped, as audio.write_wav does).
@@ -49,7 +50,7 @@ _log = logging.getLogger(__name__)
 FORMAT_VERSION = "1"          # bump when the stored layout changes: old caches are then not reused
 COUNTS_FILE = "counts.json"
 SKIP_REASONS = ("bad_json", "missing_field", "missing_file", "undecodable", "too_short")
-OPTIONAL_FIELDS = ("duration", "bpm", "key", "genre", "moods", "instrument")
+OPTIONAL_FIELDS = ("duration", "bpm", "key", "genre", "moods", "instrument", "first_beat")
 SPLITS = ("train", "validation")
 
 

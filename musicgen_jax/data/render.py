@@ -114,6 +114,18 @@ def seconds_per_quarter(piece: scores.Piece, choices: Choices) -> float:
   return 60.0 / (choices.bpm * piece.beat_q)
 
 
+def first_beat_seconds(piece: scores.Piece, choices: Choices) -> float | None:
+  """Where the beat grid starts in a rendering: the time of the first beat at or after the first
+  note (in [0, 60 / bpm)), or None when no note falls on a beat. The grid is continued from the
+  first note that the score puts on a beat (metrical accent >= 0.5), so a pickup of an eighth
+  before the barline of 4/4 gives an eighth's time. Meter changes later in the piece are not
+  followed (the grid keeps the first meter's beat)."""
+  on_beat = piece.notes_nf[piece.notes_nf[:, 4] >= 0.5, 0]
+  if on_beat.size == 0:
+    return None
+  return float(on_beat[0] % piece.beat_q) * seconds_per_quarter(piece, choices)
+
+
 def performed_notes(piece: scores.Piece, choices: Choices, max_seconds: float) -> np.ndarray:
   """-> float64 [N, 5] (onset s, duration s, MIDI pitch, part, accent) of the notes that start
   before `max_seconds`, transposed, shortened to end by `max_seconds`."""

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import json
 import math
 import os
 import re
@@ -56,6 +57,7 @@ import time
 
 import numpy as np
 
+from musicgen_jax.conditioners import tempo
 from musicgen_jax.data import captions, manifest, render, scores
 from musicgen_jax.eval import attributes
 from musicgen_jax.eval.classifier import Classifier, features
@@ -84,7 +86,8 @@ def corpus_split(root: str, split: str, limit: int | None = None) -> list[dict]:
     out.append({"audio": audio, "caption": text(ex["caption"]), "family": text(ex["family"]),
                 "key_tonic": text(ex["key_tonic"]), "key_mode": text(ex["key_mode"]),
                 "bpm": int(ex["bpm"]), "meter": text(ex["meter"]),
-                "instrument": text(ex["instrument"])})
+                "instrument": text(ex["instrument"]),
+                "first_beat": json.loads(text(ex["metadata"])).get("first_beat")})
   return out
 
 
@@ -185,14 +188,15 @@ def altered_captions(item: dict, rng: np.random.Generator) -> dict[str, str]:
 
 
 def _frame_nll(model, codes: np.ndarray, texts: list[str], chroma: np.ndarray | None,
-               batch: int) -> tuple[np.ndarray, np.ndarray]:
-  """model.frame_nll over a list in batches of `batch` (the last one padded: one compiled shape)."""
+               batch: int, phase: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """model.frame_nll over a list in batches of `batch` (the last one padded: one compiled shape);
+  phase: each recording's beat phase at its first frame."""
   out, tokens = [], None
   for s in range(0, len(texts), batch):
     idx = list(range(s, min(s + batch, len(texts))))
     idx += [idx[0]] * (batch - len(idx))
     nll, tokens = model.frame_nll(codes[idx], [texts[i] for i in idx],
-                                  None if chroma is None else chroma[idx])
+                                  None if chroma is None else chroma[idx], phase[idx])
     out.append(nll[:min(batch, len(texts) - s)])
   return np.concatenate(out), tokens
 
@@ -206,7 +210,8 @@ def likelihood(model, items: list[dict], seed: int, seconds: float = CLIP_SECOND
   own caption ("named") and under the caption with one attribute changed (altered_captions); for
   melody models also with another item's melody instead of its own, and with no condition at all,
   and each caption and its changes once more with no melody (", no melody": as sampling without
-  --melody runs, where the melody cannot tell the model the key or the tempo).
+  --melody runs, where the melody cannot tell the model the key or the tempo). A beat-clock model
+  gets the recording's own beat phase (from its first_beat) with every caption.
   A model that uses a condition finds the recording less likely when it is changed: the figures
   are the mean CE increase and the share of items whose own condition gives the lower CE, over the
   whole clip and over its first second alone (where the prompt is all the model has to go on; later
@@ -224,6 +229,8 @@ def likelihood(model, items: list[dict], seed: int, seconds: float = CLIP_SECOND
     chroma = np.stack([melody_lib.melody_condition(a[None], sr, frames, sr) for a in audio])
   everything = list(range(len(items)))
   variants = [altered_captions(e, rng) for e in items]
+  phase = np.asarray([0.0 if e.get("first_beat") is None else
+                      tempo.beat_phase(0.0, e["first_beat"], e["bpm"]) for e in items])
   # The conditions each caption is scored with: for melody models its own melody, and no melody
   # (the null one), as sampling without --melody runs; there a caption's key and tempo are not
   # given by the melody, so this is where the LM must read them from the text.
@@ -244,8 +251,9 @@ def likelihood(model, items: list[dict], seed: int, seconds: float = CLIP_SECOND
   result = {"items": len(items), "clip_seconds": seconds, "windows": {}}
   own, tokens = {}, None
   for which, mel in melodies.items():
-    own[which], tokens = _frame_nll(model, codes, [e["caption"] for e in items], mel, batch)
-  altered = {name: _frame_nll(model, codes[idx], texts, cond, batch)[0]
+    own[which], tokens = _frame_nll(model, codes, [e["caption"] for e in items], mel, batch,
+                                    phase)
+  altered = {name: _frame_nll(model, codes[idx], texts, cond, batch, phase[idx])[0]
              for name, (_, idx, texts, cond) in cases.items()}
   for window, frames in (("clip", codes.shape[-1]), ("first_second", int(round(model.frame_rate)))):
     ce = lambda nll: nll[:, :frames].sum(axis=1) / max(tokens[:frames].sum(), 1)  # noqa: E731

@@ -49,6 +49,7 @@ BATCH_AXES = {
     "attention_mask": (shd.BATCH, None),
     "chroma": (shd.BATCH, None, None),
     "weight": (shd.BATCH,),
+    "beat": (shd.BATCH, None),
 }
 
 
@@ -107,7 +108,8 @@ class LMTask:
 
   def batch_keys(self) -> tuple[str, ...]:
     keys = ("codes", "frame_mask", "input_ids", "attention_mask", "weight")
-    return keys + (("chroma",) if self.lm_cfg.melody else ())
+    return (keys + (("chroma",) if self.lm_cfg.melody else ())
+            + (("beat",) if self.lm_cfg.beat_clock_rate else ()))
 
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of one global batch (ahead-of-time compilation, benchmarks)."""
@@ -117,6 +119,7 @@ class LMTask:
             "input_ids": ((batch_size, self.config.text.max_length), jnp.int32),
             "attention_mask": ((batch_size, self.config.text.max_length), jnp.int32),
             "weight": ((batch_size,), jnp.float32),
+            "beat": ((batch_size, 2), jnp.float32),
             "chroma": ((batch_size, c.chroma_length, c.num_chroma), jnp.float32)}
     return {k: jax.ShapeDtypeStruct(*spec[k]) for k in self.batch_keys()}
 
@@ -170,6 +173,7 @@ class LMTask:
     hidden, mask = self.text.encode(text_params, {"input_ids": batch["input_ids"],
                                                   "attention_mask": batch["attention_mask"]})
     melody = batch.get("chroma")
+    beat = batch.get("beat") if self.lm_cfg.beat_clock_rate else None
     k_text, k_melody = jax.random.split(rng)
     null_melody = None if melody is None else jnp.asarray(
         melody_lib.null_chroma(*melody.shape), melody.dtype)
@@ -179,13 +183,15 @@ class LMTask:
       hidden, mask = drop_condition(k_text, hidden, mask, self.config.train.cond_dropout)
       if melody is not None:
         melody = jnp.where(drop_b[:, None, None], null_melody, melody)
+      if beat is not None:   # the tempo is read from the text, so the clock goes with it
+        beat = jnp.where(drop_b[:, None], 0.0, beat)
     if train and melody is not None and self.config.train.melody_dropout > 0:
       # The melody alone is dropped too, independently (audiocraft's attribute dropout, 0.5 for
       # its melody models): so the LM also learns text with no melody, the input of sampling
       # without --melody, where the key and tempo can only come from the text.
       keep_b = jax.random.uniform(k_melody, (melody.shape[0],)) >= self.config.train.melody_dropout
       melody = jnp.where(keep_b[:, None, None], melody, null_melody)
-    return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody)
+    return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody, beat=beat)
 
   @property
   def conditioned(self) -> bool:

@@ -114,6 +114,9 @@ INIT_FRESH = {
     # other weights are kept
     "cross": FreshPart(("model.text_conditioning",),
                        lambda path: path[0] == "lm" and any(n.startswith("encoder_attn") for n in path)),
+    # a beat clock on the audio frames (model.beat_clock_rate, conditioners/tempo.py): a new
+    # projection, every other weight kept
+    "beat": FreshPart(("model.beat_clock_rate",), lambda path: path[:2] == ("lm", "beat_proj")),
 }
 
 

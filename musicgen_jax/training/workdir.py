@@ -103,10 +103,16 @@ def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[
   return out
 
 
+# Fields added to the config after work directories were written, with the value a config that
+# lacks them means.
+_ADDED = {"model.beat_clock_rate": 0.0}
+
+
 def incompatible_fields(stored: ml_collections.ConfigDict, new: ml_collections.ConfigDict
                         ) -> list[str]:
   """'field: stored -> new' for every fixed field that differs."""
   a, b = flatten(stored), flatten(new)
+  a, b = {**_ADDED, **a}, {**_ADDED, **b}
   out = []
   for key in sorted(set(a) | set(b)):
     for prefix, free in _FIXED:
