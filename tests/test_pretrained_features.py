@@ -228,9 +228,9 @@ def test_generate_long_with_melody(melody):
   seen = []
   generate = small.generate
 
-  def record(texts, duration, settings, seed, prompt, chroma_arg, progress):
+  def record(texts, duration, settings, seed, prompt, chroma_arg, progress, **kwargs):
     seen.append((0 if prompt is None else prompt.shape[-1], chroma_arg))
-    return generate(texts, duration, settings, seed, prompt, chroma_arg, progress)
+    return generate(texts, duration, settings, seed, prompt, chroma_arg, progress, **kwargs)
 
   small.generate = record
   duration, stride = 3.0, 0.3

@@ -169,10 +169,10 @@ def test_prompt_longer_than_window_is_cut_and_generation_advances(codec_model, t
   calls = []
   generate = model.generate
 
-  def counted(*args):
+  def counted(*args, **kwargs):
     calls.append(args[4].shape[-1] if args[4] is not None else 0)
     assert len(calls) < 20, "generation makes no progress"
-    return generate(*args)
+    return generate(*args, **kwargs)
   model.generate = counted
   try:
     codes = model.generate_long(["x"], 1.0, GREEDY, prompt=prompt)
