@@ -254,6 +254,9 @@ class SampleRequest:
     req = cls(prompts, f["duration"], settings, seed, f["out"], f["save-tokens"], f["melody"],
               f["prompt-audio"], f["stride"], f["plot"], f["progress"], f["overwrite"],
               f["max-duration"], f["verbose"])
+    if req.plot and not req.out:
+      raise ValueError("--plot draws each WAV's spectrogram next to it: pass --out FILE.wav or DIR "
+                       "too")
     if req.out:
       if req.single_file and len(prompts) != 1:
         raise ValueError(f"--out {req.out} names one WAV file but there are {len(prompts)} prompts: "
@@ -466,6 +469,9 @@ def run_sample(model: MusicGen, req: SampleRequest, timings: Timings | None = No
   if duration > req.max_duration:
     raise ValueError(f"the duration {duration:g}s (the model's default) is above --max-duration "
                      f"({req.max_duration:g}s): pass --duration or a larger --max-duration")
+  if req.plot and model.codec is None:
+    raise ValueError("--plot draws the spectrogram of the audio, and this model has no codec (it "
+                     "writes tokens): drop --plot, or use a model directory with a codec")
   model.check_memory(len(req.prompts), duration, settings)   # GPUs / TPUs: before any compile
   prompt = chroma = None
   with timings.phase("codec"):

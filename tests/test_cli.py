@@ -137,3 +137,15 @@ def test_help_is_not_an_error(script):
   assert r.returncode == 0 and "python " + script in r.stdout, (r.returncode, r.stderr[-500:])
   bad = run(script, "--no-such-flag")
   assert bad.returncode == 2 and "no-such-flag" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plot_that_would_draw_nothing_is_refused_before_generation(sample, tmp_path, monkeypatch):
+  """--plot without --out, or with a model that has no codec (tokens only), is one line and exit 2,
+  before anything is generated; --plot with --out and a codec is tested with the shipped model."""
+  generated = []
+  monkeypatch.setattr(MusicGen, "generate_long", lambda *a, **k: generated.append(1))
+  rc, _, err = sample("--prompt", "x", "--plot")
+  assert rc == 2 and "--plot" in err and "--out" in err and "Traceback" not in err
+  rc, _, err = sample("--prompt", "x", "--plot", "--out", str(tmp_path / "o"))
+  assert rc == 2 and "no codec" in err and "Traceback" not in err
+  assert generated == [] and not (tmp_path / "o").exists()
