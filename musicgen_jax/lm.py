@@ -231,8 +231,7 @@ class MusicGenLM(nn.Module):
     c = self.cfg
     if not c.beat_clock_rate or beat_b is None:
       return jnp.zeros((batch, frames_n.shape[0], c.dim), jnp.float32)
-    feats = tempo_lib.beat_features(frames_n, beat_b, c.beat_clock_rate)
-    return jnp.einsum("bnf,fd->bnd", feats, self.beat_proj)
+    return tempo_lib.clock_embedding(frames_n, beat_b, c.beat_clock_rate, self.beat_proj)
 
   def heads(self, x_bnd: jax.Array) -> jax.Array:
     """Final LayerNorm and the K heads -> logits [B, K, N, card] float32."""

@@ -160,8 +160,7 @@ def embed(cfg: lm_lib.LMConfig, w: ServingWeights, tokens_bkn: jax.Array, pos,
   x = sum(w.embed[k][tokens_bkn[:, k]] for k in range(cfg.num_codebooks))
   x = x + sinusoidal_positions(pos + p + jnp.arange(n), cfg.dim)[None]
   if w.beat_proj is not None and beat is not None:
-    feats = tempo_lib.beat_features(frame + jnp.arange(n), beat, cfg.beat_clock_rate)
-    x = x + jnp.einsum("bnf,fd->bnd", feats, w.beat_proj)
+    x = x + tempo_lib.clock_embedding(frame + jnp.arange(n), beat, cfg.beat_clock_rate, w.beat_proj)
   if p:
     pre = prefix + sinusoidal_positions(pos + jnp.arange(p), cfg.dim)[None]
     x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)

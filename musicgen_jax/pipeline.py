@@ -19,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from musicgen_jax import checkpoint, lm as lm_lib, lm_decode, patterns, sampling
+from musicgen_jax.conditioners import tempo
 from musicgen_jax.conditioners.text import LearnedTextConditioner
 from musicgen_jax.conditioners.tokenizer import TextTokenizer, read_tokenizer_file
 
@@ -326,7 +327,6 @@ class MusicGen:
       melody = jnp.asarray(self.melody_window(np.asarray(chroma), 0.0), jnp.float32)
     beat = None
     if self.lm_cfg.beat_clock_rate:
-      from musicgen_jax.conditioners import tempo
       beat = jnp.asarray(tempo.sampling_beat(texts, start_frame, self.lm_cfg.beat_clock_rate,
                                              beat_phase))
     return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody, beat=beat)

@@ -81,3 +81,10 @@ def beat_features(frames_n: jax.Array, beat_b2: jax.Array, frame_rate: float) ->
   angle = 2.0 * math.pi * frac(beats_bn[..., None] * m)
   on_b = (bpm_b > 0).astype(jnp.float32)[:, None, None]
   return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1) * on_b
+
+
+def clock_embedding(frames_n: jax.Array, beat_b2: jax.Array, frame_rate: float,
+                    proj_fd: jax.Array) -> jax.Array:
+  """The beat clock at audio frames [N] for clocks [B, 2], projected by [8, D] -> float32 [B, N, D]:
+  what the LM adds to its token embeddings, in the full forward and the decode step alike."""
+  return jnp.einsum("bnf,fd->bnd", beat_features(frames_n, beat_b2, frame_rate), proj_fd)

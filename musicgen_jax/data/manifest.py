@@ -7,10 +7,11 @@ The manifest has one JSON object per line, as audiocraft's manifests do:
 
 `path` is absolute or relative to the manifest's folder; `description` is the caption; the other
 fields are optional and kept as metadata (`first_beat`, the seconds to the first beat of a file at a
-steady `bpm`, gives beat-clock models the beats' phase: conditioners/tempo.py). Files are decoded and resampled with librosa (soundfile +
-soxr_hq) to the codec's sample rate and channel count (mixed down to mono by channel mean, or mono
-duplicated to stereo), and stored as **int16** [C, N] (half of float32, the precision of most
-source files; samples are scaled by 2^15 and clipped, as audio.write_wav does).
+steady `bpm`, gives beat-clock models the beats' phase: conditioners/tempo.py). Files are decoded
+and resampled with librosa (soundfile + soxr_hq) to the codec's sample rate and channel count
+(mixed down to mono by channel mean, or mono duplicated to stereo), and stored as **int16** [C, N]
+(half of float32, the precision of most source files; samples are scaled by 2^15 and clipped, as
+audio.write_wav does).
 
 Splits: "train" and "validation". With a `valid_manifest`, its files are the validation split;
 otherwise a file goes to validation when a hash of its manifest path falls below `valid_fraction`
