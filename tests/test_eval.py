@@ -180,3 +180,32 @@ def test_likelihood_scores_the_text_also_without_the_melody():
     assert no_melody["ce_increase"] == pytest.approx(0.3) and no_melody["named_more_likely"] == 1.0
   assert rows["melody"]["ce_increase"] == 0.0
   assert rows["all (no condition)"]["ce_increase"] == pytest.approx(0.4)
+
+
+def test_likelihood_gives_each_recording_its_own_beat_phase():
+  """A beat-clock model is scored with each recording's beat phase at its first frame (from the
+  corpus's first_beat and bpm), under its own caption and every changed one; none known: 0."""
+  name, family = render.INSTRUMENTS[0][1:3]
+  items = []
+  for i, (tonic, bpm, first) in enumerate([("G", 80, 0.3), ("D", 120, None), ("F", 96, 0.5)]):
+    items.append(dict(caption=f"a chorale in {tonic} major played by a {name}, {bpm} bpm",
+                      key_mode="major", key_tonic=tonic, bpm=bpm, instrument=name, family=family,
+                      first_beat=first, audio=_tone(440.0 * 2 ** (i / 12), seconds=2.0).repeat(2)))
+  # At time 0, before the first beat: 0.3 s at 80 bpm is 0.4 beats, so the phase is 0.6; 0.5 s
+  # at 96 bpm is 0.8 beats, phase 0.2.
+  want = {0: 0.6, 1: 0.0, 2: 0.2}
+  model = _ReadsTheKeyOnlyWithoutMelody(e["caption"] for e in items)
+  seen = []
+  frame_nll = model.frame_nll
+  model.frame_nll = lambda codes, texts, chroma, beat_phase=0.0: (
+      seen.append((list(texts), np.asarray(beat_phase))) or frame_nll(codes, texts, chroma))
+  control.likelihood(model, items, seed=0, seconds=2.0, batch=2)
+  own = {e["caption"]: i for i, e in enumerate(items)}
+  checked = 0
+  for texts, phase in seen:
+    for text, p in zip(texts, phase):
+      if text in own:
+        assert p == pytest.approx(want[own[text]]), (text, p)
+        checked += 1
+  assert checked >= 2 * len(items)   # own caption, with and without the melody
+  assert {round(float(p), 6) for _, ph in seen for p in ph} <= {0.6, 0.0, 0.2}
