@@ -14,8 +14,17 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
+# librosa's numba functions are compiled with cache=True into its own __pycache__: in a fresh
+# virtualenv the two xdist workers compiled and wrote the same cache files at once, and one worker
+# then segfaulted in librosa.beat.beat_track (a numba gufunc) and the run hung. Each worker gets its
+# own numba cache for the session (set before anything imports numba).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  _numba_cache = tempfile.mkdtemp(prefix=f"musicgen_jax_tests_numba_{os.environ['PYTEST_XDIST_WORKER']}_")
+  atexit.register(shutil.rmtree, _numba_cache, ignore_errors=True)
+  os.environ["NUMBA_CACHE_DIR"] = _numba_cache
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np
 import pytest
 from flax import linen as nn
