@@ -257,6 +257,9 @@ class SampleRequest:
     if req.plot and not req.out:
       raise ValueError("--plot draws each WAV's spectrogram next to it: pass --out FILE.wav or DIR "
                        "too")
+    if not req.out and not req.save_tokens:
+      raise ValueError("nothing would be written: pass --out FILE.wav (a directory for one WAV per "
+                       "prompt) or --save-tokens FILE.npy")
     if req.out:
       if req.single_file and len(prompts) != 1:
         raise ValueError(f"--out {req.out} names one WAV file but there are {len(prompts)} prompts: "

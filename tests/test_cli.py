@@ -76,8 +76,8 @@ def test_sample_from_training_run(trained, tmp_path, sample):
     (["--prompts-file", "/nonexistent.txt"], "does not exist"),
     (["--prompt", "y", "extra"], "unexpected arguments"),
 ])
-def test_bad_input_one_line(args, fragment, sample):
-  rc, _, err = sample("--prompt", "x", *args)
+def test_bad_input_one_line(args, fragment, sample, tmp_path):
+  rc, _, err = sample("--prompt", "x", "--save-tokens", str(tmp_path / "t.npy"), *args)
   assert rc == 2
   assert fragment in err, err
   assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -108,7 +108,8 @@ def test_no_prompt_and_unreadable_checkpoint(sample, tmp_path):
   rc, _, err = sample()
   assert rc == 2 and "no prompt" in err
   (tmp_path / checkpoint.CONFIG_FILE).write_text("{not json")
-  rc, _, err = sample("--checkpoint", str(tmp_path), "--prompt", "x")
+  rc, _, err = sample("--checkpoint", str(tmp_path), "--prompt", "x", "--save-tokens",
+                      str(tmp_path / "t.npy"))
   assert rc == 2 and "unreadable" in err and "Traceback" not in err
 
 

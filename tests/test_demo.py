@@ -287,7 +287,8 @@ def test_missing_or_damaged_shipped_model_is_one_line_saying_how_to_restore(samp
   import shutil
   _shipped()
   monkeypatch.setattr(cli, "SHIPPED_MODEL", str(tmp_path / "nowhere"))
-  rc, _, err = sample("--prompt", "x", "--duration", "0.1", shipped=True)
+  rc, _, err = sample("--prompt", "x", "--duration", "0.1", "--out", str(tmp_path / "x.wav"),
+                      shipped=True)
   assert rc == 2 and len(err.strip().splitlines()) == 1, err
   assert "shipped model is missing" in err and "git checkout -- models/demo" in err
   copy = tmp_path / "demo"
@@ -297,7 +298,8 @@ def test_missing_or_damaged_shipped_model_is_one_line_saying_how_to_restore(samp
   data[len(data) // 2] ^= 0xFF                     # one flipped byte: same size, wrong checksum
   biggest.write_bytes(bytes(data))
   monkeypatch.setattr(cli, "SHIPPED_MODEL", str(copy))
-  rc, _, err = sample("--prompt", "x", "--duration", "0.1", shipped=True)
+  rc, _, err = sample("--prompt", "x", "--duration", "0.1", "--out", str(tmp_path / "x.wav"),
+                      shipped=True)
   assert rc == 2 and len(err.strip().splitlines()) == 1, err
   assert "shipped model is damaged" in err and biggest.name in err and "TRAINING.md" in err
 

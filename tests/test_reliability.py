@@ -105,6 +105,7 @@ def test_bad_output_paths_are_one_line_before_loading(sample, no_model, tmp_path
   (tmp_path / "out").mkdir()
   (tmp_path / "out" / "000_x.wav").write_text("old")
   cases = [
+      ([], "nothing would be written: pass --out FILE.wav"),
       (["--out", str(a_file)], "is a file: --out names a directory"),
       (["--out", str(a_file / "sub")], "is a file, not a directory"),
       (["--save-tokens", str(tmp_path)], "must name a .npy file"),
@@ -200,7 +201,8 @@ def test_damaged_model_directory_is_refused(sample, model_dir, tmp_path):
     f.write(b"\xff" * 16)
   with pytest.raises(checkpoint.CheckpointError, match="is damaged: its checksum differs"):
     MusicGen.load(bad)
-  rc, _, err = sample("--checkpoint", bad, "--prompt", "x", "--duration", "0.1")
+  rc, _, err = sample("--checkpoint", bad, "--prompt", "x", "--duration", "0.1",
+                      "--save-tokens", str(tmp_path / "t.npy"))
   assert rc == 2 and victim in one_error_line(err)
   # Truncation is caught even without checksums.
   with open(victim, "r+b") as f:
@@ -233,7 +235,8 @@ def test_config_that_does_not_fit_the_weights_is_refused(sample, model_dir, tmp_
     json.dump(config, f)
   with pytest.raises(checkpoint.CheckpointError, match=match):
     MusicGen.load(bad)
-  rc, _, err = sample("--checkpoint", bad, "--prompt", "x", "--duration", "0.1")
+  rc, _, err = sample("--checkpoint", bad, "--prompt", "x", "--duration", "0.1",
+                      "--save-tokens", str(tmp_path / "t.npy"))
   assert rc == 2 and "Traceback" not in err and re.search(match, one_error_line(err)), err
 
 
@@ -378,11 +381,11 @@ def test_convert_hub_id_needs_the_prefix(tmp_path, monkeypatch, capsys):
 # --- row 11: --config overrides with --checkpoint -------------------------------------------------------
 def test_checkpoint_overrides_applied_or_refused(sample, model_dir, tmp_path):
   rc, _, err = sample("--checkpoint", model_dir, "--prompt", "x", "--config.model.dim=64",
-                      "--config.pattern.name=parallel")
+                      "--config.pattern.name=parallel", "--save-tokens", str(tmp_path / "t.npy"))
   line = one_error_line(err)
   assert rc == 2 and "--config.model.dim, --config.pattern.name cannot change a loaded" in line
   rc, _, err = sample("--checkpoint", model_dir, "--prompt", "x", "--config",
-                      "configs/musicgen.py:small")
+                      "configs/musicgen.py:small", "--save-tokens", str(tmp_path / "t.npy"))
   assert rc == 2 and "--config is not used with --checkpoint" in one_error_line(err)
   # Sampling overrides are applied: greedy by config equals greedy by flag, and differs from sampling.
   outs = {}

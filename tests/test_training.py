@@ -473,6 +473,23 @@ def test_bad_settings_fail_before_anything_is_written(change, match, tmp_path):
   assert not os.path.exists(tmp_path / "run" / checkpoint.CONFIG_FILE)
 
 
+@pytest.mark.parametrize("tokenizer", ["", "words"])
+def test_freeze_typo_is_refused_before_the_data_is_prepared(tokenizer, monkeypatch, tmp_path):
+  """Preparing a manifest's data can take hours; a freeze pattern that names nothing is refused
+  before it starts, also when the text encoder's vocabulary is fitted on that data."""
+  c = tiny(freeze=("lm/embed_tokens", "text/token_embedding", "nope/x"))
+  c.text.tokenizer = tokenizer
+
+  def prepare(self, workdir):
+    raise AssertionError("prepare_data ran before the freeze check")
+  monkeypatch.setattr(LMTask, "prepare_data", prepare)
+  with pytest.raises(ValueError, match=r"train.freeze pattern 'nope/x' matches no parameter"):
+    loop.train(c, str(tmp_path / "run"), out=lambda _: None)
+  c.train.freeze = ("lm/embed_tokens", "text/token_embedding")   # real names (the text's too): data comes next
+  with pytest.raises(AssertionError, match="prepare_data ran"):
+    loop.train(c, str(tmp_path / "run"), out=lambda _: None)
+
+
 def test_freeze_patterns_see_value_dict_keys():
   """A parameter dict key named 'value' (the text encoder's attention) is part of the name that
   train.freeze matches; only the `value` field of a flax box is left out."""

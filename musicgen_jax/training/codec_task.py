@@ -137,6 +137,10 @@ class CodecTask:
     """Random codec parameters {'codec': {'encoder', 'decoder', 'quantizer': {'embed'}}}."""
     return {"codec": self.model.init(rng)}
 
+  def abstract_params(self) -> Any:
+    """Shapes of the train state's parameters (what train.freeze is checked against)."""
+    return jax.eval_shape(self.init_state, jax.random.key(0)).params
+
   def _codebooks_from(self, embed_kcd: jax.Array) -> quantization.CodebookState:
     """Codebooks for fine-tuning: the given codes, marked initialized, with the EMA count of steady
     uniform use (frames per batch / codebook size, above the dead-code threshold)."""

@@ -80,13 +80,26 @@ class LMTask:
     self.frames = int(round(config.train.segment_seconds * config.codec.frame_rate))
 
   # --- state ------------------------------------------------------------------------------------
-  def init_params(self, rng: jax.Array) -> Any:
-    """Random parameters {'lm', 'text'}, boxed with their logical axis names."""
-    if self.text is None:
+  def init_params(self, rng: jax.Array, text=None) -> Any:
+    """Random parameters {'lm', 'text'}, boxed with their logical axis names (`text`: another
+    text conditioner than the run's)."""
+    text = text or self.text
+    if text is None:
       raise ValueError(f"text.tokenizer={WORD_TOKENIZER!r}: the vocabulary, and so the text "
                        "encoder's shape, is known only after prepare_data has fitted it")
     k_lm, k_text = jax.random.split(rng)
-    return {"lm": lm_lib.init_params(self.lm_cfg, k_lm)["params"], "text": self.text.init(k_text)}
+    return {"lm": lm_lib.init_params(self.lm_cfg, k_lm)["params"], "text": text.init(k_text)}
+
+  def abstract_params(self) -> Any:
+    """Shapes of init_params, known before the data is prepared: a word vocabulary still to be
+    fitted sizes the text encoder's embedding, not its parameter names, so the byte-level
+    vocabulary stands in for it (what train.freeze is checked against at start-up)."""
+    text = self.text
+    if text is None:
+      stand_in = self.config.copy_and_resolve_references()
+      stand_in.text.tokenizer = None
+      text = text_conditioner_from_config(stand_in)
+    return jax.eval_shape(lambda k: self.init_params(k, text), jax.random.key(0))
 
   def init_state(self, rng: jax.Array, params: Any = None) -> TrainState:
     """A fresh state around `params` (default: random). Leaves keep their logical-axis boxes, so

@@ -34,7 +34,7 @@ import numpy as np
 from flax import linen as nn
 
 from musicgen_jax import checkpoint, sharding as shd
-from musicgen_jax.training import distributed, metrics as metrics_lib, steps as steps_lib
+from musicgen_jax.training import distributed, metrics as metrics_lib, optim, steps as steps_lib
 from musicgen_jax.training import workdir as workdir_lib
 from musicgen_jax.training.checkpoints import CheckpointStore
 
@@ -248,6 +248,8 @@ class _Run:
     elif c.init_from and "text" not in init_fresh_parts(c):
       text_dir = c.init_from
     task = (self.task_factory or task_class(c))(c, mesh, text_dir)
+    # A train.freeze typo is refused before the data caches are built (hours for a large manifest).
+    optim.check_freeze(tuple(t.get("freeze") or ()), task.abstract_params())
     # --- input pipeline ---
     pc = jax.process_count()
     summary = task.prepare_data(self.workdir)

@@ -24,6 +24,10 @@ class Task(Protocol):
   def init_params(self, rng: jax.Array) -> Any:
     """Random parameters, boxed (the structure a fine-tuning start must match)."""
 
+  def abstract_params(self) -> Any:
+    """Shapes of the train state's parameters (what train.freeze names), known before
+    `prepare_data`: the loop checks the freeze patterns against them at start-up."""
+
   def param_shardings(self) -> Any:
     """NamedShardings of `init_params`' tree on the task's mesh."""
 
