@@ -79,13 +79,20 @@ def main(argv):
       with timings.phase("load"):
         model = cli.load_model(checkpoint_dir, _CONFIG.value, overrides=overrides, dtype=dtype,
                                verify=f["verify"], mesh=mesh)
-      result = cli.run_sample(model, request, timings)
+      try:
+        result, stopped = cli.run_sample(model, request, timings), False
+      except pipeline.GenerationInterrupted as e:   # Ctrl-C: the finished windows are kept
+        result, stopped = e.codes, True
       for line in cli.write_outputs(model, request, result, timings):
         print(line)
       if request.verbose:
         print(timings.summary(), file=sys.stderr)
     finally:
       timings.close()
+    if stopped:
+      print(f"sample.py: interrupted: the {result.shape[-1] / model.frame_rate:.2f}s finished before "
+            "Ctrl-C were written", file=sys.stderr)
+      sys.exit(130)
 
 
 if __name__ == "__main__":

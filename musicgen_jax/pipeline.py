@@ -61,6 +61,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
   return config
 
 
+class GenerationInterrupted(KeyboardInterrupt):
+  """Ctrl-C during long-form generation after its first window: `codes` [B, K, T] are the windows
+  finished by then (T frames, fewer than asked), so that a long run's work can still be written."""
+
+  def __init__(self, codes: np.ndarray):
+    super().__init__()
+    self.codes = codes
+
+
 def window_seed(seed: int, window: int) -> int:
   """The seed of long-form window `window` (0: `seed` itself): distinct per (seed, window), in range."""
   if window == 0:
@@ -434,7 +443,8 @@ class MusicGen:
     seconds (default half a window); the melody chroma [B, F, 12] (at its own frame rate) is re-indexed
     to each window's start. Every window after the first has the same shapes: one more compilation.
     An audio prompt [B, K, P] that fills the window is cut to its last (window - stride) seconds, with
-    a warning; the output starts with the part kept.
+    a warning; the output starts with the part kept. Ctrl-C after the first window raises
+    GenerationInterrupted with the windows finished.
     """
     if not (duration > 0 and math.isfinite(duration)):
       raise ValueError(f"duration must be a finite number of seconds > 0, got {duration}")
@@ -458,12 +468,15 @@ class MusicGen:
       prompt = prompt[..., -keep:]
     codes = self.generate(texts, window, settings, seed, prompt, melody(0.0), progress)
     i = 0
-    while codes.shape[-1] < total:      # each window adds `step` > 0 frames
-      i += 1
-      start = codes.shape[-1] - keep
-      new = self.generate(texts, window, settings, window_seed(seed, i), codes[..., start:],
-                          melody(start / self.frame_rate), progress, start_frame=start)
-      codes = np.concatenate([codes, new[..., keep:]], axis=-1)
+    try:
+      while codes.shape[-1] < total:      # each window adds `step` > 0 frames
+        i += 1
+        start = codes.shape[-1] - keep
+        new = self.generate(texts, window, settings, window_seed(seed, i), codes[..., start:],
+                            melody(start / self.frame_rate), progress, start_frame=start)
+        codes = np.concatenate([codes, new[..., keep:]], axis=-1)
+    except KeyboardInterrupt:
+      raise GenerationInterrupted(codes[..., :total]) from None
     return codes[..., :total]
 
   # --- audio in and out ---------------------------------------------------------------------------

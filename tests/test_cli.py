@@ -150,3 +150,35 @@ def test_plot_that_would_draw_nothing_is_refused_before_generation(sample, tmp_p
   rc, _, err = sample("--prompt", "x", "--plot", "--out", str(tmp_path / "o"))
   assert rc == 2 and "no codec" in err and "Traceback" not in err
   assert generated == [] and not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_in_long_form_writes_the_windows_finished(sample, tmp_path, monkeypatch):
+  """Ctrl-C during a long-form generation writes what its finished windows hold (the same tokens
+  as the start of an uninterrupted run) and exits 130; during the first window nothing is written."""
+  args = ["--config=configs/musicgen.py:tiny", "--config.model.max_positions=40", "--prompt", "x",
+          "--duration", "2", "--stride", "0.3"]
+  rc, _, err = sample(*args, "--save-tokens", str(tmp_path / "all.npy"))
+  assert rc == 0, err
+  full = np.load(tmp_path / "all.npy")
+  real, calls = MusicGen.generate, []
+
+  def generate(self, *a, **k):   # Ctrl-C while the third window is generated
+    calls.append(1)
+    if len(calls) == stop_at:
+      raise KeyboardInterrupt
+    return real(self, *a, **k)
+  monkeypatch.setattr(MusicGen, "generate", generate)
+  stop_at = 3
+  rc, _, err = sample(*args, "--save-tokens", str(tmp_path / "part.npy"))
+  assert rc == 130 and "interrupted" in err and "were written" in err and "Traceback" not in err
+  part = np.load(tmp_path / "part.npy")
+  config = get_config("tiny")
+  config.model.max_positions = 40
+  model = MusicGen.random(config)
+  window = model.frames_for(model.max_duration())   # the first window and one stride (0.3 s)
+  assert part.shape == (1, 4, window + round(0.3 * model.frame_rate)) and full.shape[-1] == 100
+  np.testing.assert_array_equal(part, full[..., :part.shape[-1]])
+  calls.clear()
+  stop_at = 1
+  rc, _, err = sample(*args, "--save-tokens", str(tmp_path / "none.npy"))
+  assert rc == 130 and "interrupted" in err and not (tmp_path / "none.npy").exists()
