@@ -154,6 +154,18 @@ def test_manifest_skips_each_bad_record_and_counts_it(env, caplog):
   assert "nowhere.wav" in caplog.text and "not JSON" in caplog.text
 
 
+def test_undecodable_file_is_skipped_saying_why_without_librosa_warnings(env):
+  """The skip line says what each decoder made of the file (audioread's error has no message of
+  its own), and librosa's warning about falling back on audioread is not shown for every file."""
+  import warnings
+  with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    with pytest.raises(ValueError, match=r"not audio that libsndfile reads \(.+\), nor that "
+                                         r"audioread \(ffmpeg\) opens \(\w+"):
+      manifest._probe_seconds(os.path.join(env["root"], "broken.wav"))
+  assert not [w for w in seen if "audioread" in str(w.message) or "PySoundFile" in str(w.message)]
+
+
 def test_manifest_without_usable_lines_is_one_clear_error(env, tmp_path):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n  \n")

@@ -33,11 +33,13 @@ Every audio-producing builder (this one, the rendered music21 corpus) yields the
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -180,22 +182,41 @@ def split(entries: list[Entry], valid: list[Entry] | None,
   return {"train": [e for e in entries if id(e) not in chosen], "validation": held}
 
 
+@contextlib.contextmanager
+def _quiet_audioread():
+  # librosa warns, for every file libsndfile cannot read, that it falls back on audioread (ffmpeg
+  # and the like); that fallback is what is wanted here, and a file neither reads is skipped, named.
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="PySoundFile failed", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*[Aa]udioread", category=FutureWarning)
+    yield
+
+
 def decode(path: str, sample_rate: int, channels: int) -> np.ndarray:
   """An audio file -> float32 [channels, N] at `sample_rate` (librosa: soundfile + soxr_hq)."""
   import librosa
-  wav, _ = librosa.load(path, sr=sample_rate, mono=channels == 1, res_type="soxr_hq")
+  with _quiet_audioread():
+    wav, _ = librosa.load(path, sr=sample_rate, mono=channels == 1, res_type="soxr_hq")
   wav = np.atleast_2d(np.asarray(wav, np.float32))
   return audio_lib.to_channels(wav, channels)
 
 
 def _probe_seconds(path: str) -> float:
-  """Duration from the file header (no decoding); raises for files that cannot be opened."""
+  """Duration from the file header (no decoding); ValueError saying why for files that cannot be
+  opened."""
   import soundfile as sf
   try:
     return float(sf.info(path).duration)
-  except Exception:  # not a libsndfile format: let librosa (audioread) try
+  except Exception as e:  # not a libsndfile format: let librosa (audioread) try
     import librosa
-    return float(librosa.get_duration(path=path))
+    first = audio_lib._one_line(e) or type(e).__name__
+    try:
+      with _quiet_audioread():
+        return float(librosa.get_duration(path=path))
+    except Exception as e2:  # noqa: BLE001 -- neither decoder reads it
+      second = audio_lib._one_line(e2) or type(e2).__name__
+      raise ValueError(f"not audio that libsndfile reads ({first}), nor that audioread (ffmpeg) "
+                       f"opens ({second})") from None
 
 
 class ManifestAudio(tfds.core.GeneratorBasedBuilder):
