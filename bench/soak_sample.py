@@ -3,7 +3,8 @@
     python bench/soak_sample.py --runs 300 --subprocess-every 15 --seed 0 [--json out.json]
 
 Models: the tiny config (random weights, saved), the same with a tiny random EnCodec (WAV output,
---prompt-audio, long-form windows), a copy with bytes overwritten and one with NaN weights. Each
+--prompt-audio, long-form windows), a copy with bytes overwritten and one with NaN weights, and no
+--checkpoint (the shipped model, models/demo). Each
 invocation is drawn at random: valid ones (prompts, durations within and beyond the window, every
 sampling setting, seeds up to 2**32 - 1, fresh output paths or --overwrite), or one mistake among ~30
 (NaN / inf / out-of-range settings, seeds that would alias, paths of the wrong kind or already there,
@@ -41,6 +42,9 @@ sys.path.insert(0, ROOT)
 
 PROMPTS = ["a melody in C at 90 bpm", "drums", "lofi hip hop with a mellow piano", "x", "ünïcödé ♪",
            "a" * 200]
+
+
+SHIPPED_CARD = 512   # codebook size of models/demo (no --checkpoint), checked in main()
 
 
 class Hang(Exception):
@@ -131,7 +135,8 @@ def draw(rng: random.Random, models: dict, work: str, wavs: dict, i: int) -> Cas
     codes = np.load(tokens)
     if codes.shape != (n, 4, frames) or codes.dtype != np.int32:
       return f"tokens {codes.shape} {codes.dtype}, expected {(n, 4, frames)}"
-    if codes.min() < 0 or codes.max() >= 64:
+    card = 64 if model else SHIPPED_CARD
+    if codes.min() < 0 or codes.max() >= card:
       return f"token values out of range [{codes.min()}, {codes.max()}]"
     if out:
       from musicgen_jax import audio as audio_lib
@@ -288,6 +293,9 @@ def main() -> int:
   p.add_argument("--json", default=None)
   a = p.parse_args()
   os.chdir(ROOT)
+  from musicgen_jax import checkpoint
+  if checkpoint.read_config(os.path.join(ROOT, "models", "demo")).model.card != SHIPPED_CARD:
+    raise SystemExit("soak_sample.py: models/demo's codebook size changed: update SHIPPED_CARD")
   rng = random.Random(a.seed)
   work = tempfile.mkdtemp(prefix="soak_sample_")
   cache = os.path.join(work, "jax_cache")
