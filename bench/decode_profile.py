@@ -20,6 +20,9 @@ are the same):
   cudnn-both  cudnn-self and the cross-attention too (key lengths from the text mask)
   matmul      the layer projections as matmuls at any number of rows (the library runs them as
               products and a sum for a few rows on a GPU: lm_decode.REDUCE_DENSE_MAX_ROWS)
+  rows        the projection weights transposed once before the step loop to [*out, D_in], so that
+              the products-and-sum projections reduce over contiguous rows (XLA's row reduction)
+              instead of down columns; matmuls contract the same axis. Same arithmetic as base.
 A variant that cannot run here (cuDNN on a CPU) is reported as such and skipped.
 
     python bench/decode_profile.py --dtype bfloat16 --steps 300 --variants base,reduce,cudnn-self --profile
@@ -49,7 +52,7 @@ from bench import sample_speed  # noqa: E402
 from musicgen_jax import lm_decode  # noqa: E402
 from musicgen_jax.nn import attention as attention_lib  # noqa: E402
 
-VARIANTS = ("base", "xla", "reduce", "cudnn-self", "cudnn-both", "matmul")
+VARIANTS = ("base", "xla", "reduce", "cudnn-self", "cudnn-both", "matmul", "rows")
 _LIBRARY_ATTEND = attention_lib.attend
 
 
@@ -78,6 +81,28 @@ def _cudnn_cross_attend(q, k, v, mask=None, bias=None, kv_heads_first=False):
 
 _LIBRARY_MIN_ROWS = lm_decode.CUDNN_DECODE_MIN_ROWS
 _LIBRARY_DENSE_BACKENDS = lm_decode.REDUCE_DENSE_BACKENDS
+_LIBRARY_DENSE = lm_decode._dense
+_LIBRARY_SERVING = lm_decode.serving_weights
+_PROJECTIONS = ("qkv", "self_out", "fc1", "fc2", "cross_q", "cross_out")
+
+
+def _rows_serving_weights(*args, **kwargs):
+  """The library's serving layout with every projection kernel [D_in, *out] copied to [*out, D_in]."""
+  import dataclasses
+  w = _LIBRARY_SERVING(*args, **kwargs)
+  flip = lambda k: None if k is None else jnp.moveaxis(k, 0, -1)
+  layers = tuple(dataclasses.replace(lw, **{n: flip(getattr(lw, n)) for n in _PROJECTIONS})
+                 for lw in w.layers)
+  return dataclasses.replace(w, layers=layers)
+
+
+def _rows_dense(x, w):
+  """x [..., D_in] against w [*out, D_in] -> [..., *out]: products and a float32 sum over the last
+  (contiguous) axis for a few rows, else a contraction of the same axis."""
+  if lm_decode.use_reduce_dense(x.size // x.shape[-1]):
+    xs = x.reshape(x.shape[:-1] + (1,) * (w.ndim - 1) + x.shape[-1:]).astype(jnp.float32)
+    return jnp.sum(xs * w.astype(jnp.float32), axis=-1).astype(x.dtype)
+  return jnp.tensordot(x, w, axes=((x.ndim - 1,), (w.ndim - 1,)))
 
 
 def use_variant(name: str) -> None:
@@ -85,7 +110,11 @@ def use_variant(name: str) -> None:
   `lm_decode.attend`, `lm_decode.CUDNN_DECODE_MIN_ROWS` and `lm_decode.REDUCE_DENSE_BACKENDS`)."""
   lm_decode.attend, lm_decode.CUDNN_DECODE_MIN_ROWS = _LIBRARY_ATTEND, _LIBRARY_MIN_ROWS
   lm_decode.REDUCE_DENSE_BACKENDS = _LIBRARY_DENSE_BACKENDS
+  lm_decode._dense, lm_decode.serving_weights = _LIBRARY_DENSE, _LIBRARY_SERVING
   if name == "base":
+    return
+  if name == "rows":
+    lm_decode._dense, lm_decode.serving_weights = _rows_dense, _rows_serving_weights
     return
   if name == "matmul":
     lm_decode.REDUCE_DENSE_BACKENDS = ()

@@ -14,6 +14,8 @@
 #                  which reads only the filled part of the cache (one segment: the whole cache read
 #                  at every step costs 0.31 ms of the 1.29 ms step at 1500 steps)
 #   b1_long_seg4   the same with the step scan in 4 segments
+#   b1_rows        batch 1, 300 steps: the library's step beside its projection weights laid out
+#                  [*out, D_in], so the products-and-sum projections reduce contiguous rows (variant rows)
 #   profile_b1     decode_profile, small shape, bf16, batch 1, 300 steps: the decode step's device time by
 #                  kernel (jax.profiler)
 #   variants_b1    attention variants of the decode step timed side by side at batch 1 (XLA's dots,
@@ -117,6 +119,8 @@ piece b1_long 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"
 piece b1_long_seg4 90 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
     --batch 1 --steps $STEPS --segments 4 --variants base,cudnn-self --agree-steps 0 \
     --json "$OUT/b1_long_seg4.json"
+piece b1_rows 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch 1 --steps $SHORT --variants base,rows --json "$OUT/b1_rows.json"
 piece profile_b1 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
     --batch 1 --steps $SHORT --variants base --profile --agree-steps 0 --json "$OUT/profile_b1.json"
 piece variants_b1 200 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
