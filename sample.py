@@ -62,6 +62,9 @@ def main(argv):
     request = cli.SampleRequest.from_flags(f)        # everything cheap, before any model is loaded
     overrides = cli.config_overrides(FLAGS["config"])
     checkpoint_dir = f["checkpoint"]
+    if FLAGS["checkpoint"].present and not (checkpoint_dir or "").strip():
+      raise ValueError("--checkpoint is empty: give a model directory, or leave the flag out for "
+                       "the model that ships with the repo")
     if checkpoint_dir and FLAGS["config"].present:
       raise ValueError("--config is not used with --checkpoint (the model directory holds its "
                        "config): drop it; --config.sampling.* and --config.model.dtype still apply")

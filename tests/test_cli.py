@@ -69,6 +69,7 @@ def test_sample_from_training_run(trained, tmp_path, sample):
     (["--duration", "0"], "--duration must be a finite number of seconds > 0"),
     (["--stride", "-1"], "--stride must be a finite number of seconds > 0"),
     (["--checkpoint", "/nonexistent/model"], "does not exist"),
+    (["--checkpoint", ""], "--checkpoint is empty"),          # an unset $MODEL in a script
     (["--config", "configs/musicgen.py:tiny", "--config.pattern.name=zigzag"], "zigzag"),
     (["--config.pattern.name=delay"], "cannot change a loaded checkpoint"),   # the shipped model
     (["--config", "configs/musicgen.py:tiny", "--config.sampling.nosuch=1"],
