@@ -18,14 +18,16 @@ FLOOR_DB = -80.0
 def spectrogram_db(audio_n: np.ndarray, sample_rate: int, n_fft: int = N_FFT,
                    hop: int = HOP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """-> (dB [freq, frames] relative to the maximum, clipped at FLOOR_DB; bin frequencies in Hz;
-  frame centres in s) of mono audio [N] (librosa's centred STFT, Hann window)."""
-  import librosa
-  x = np.asarray(audio_n, np.float32)
-  mag = np.abs(librosa.stft(x, n_fft=n_fft, hop_length=hop))
-  db = librosa.amplitude_to_db(mag, ref=np.max, top_db=-FLOOR_DB)
-  freqs = librosa.fft_frequencies(sr=sample_rate, n_fft=n_fft)
-  times = librosa.frames_to_time(np.arange(mag.shape[1]), sr=sample_rate, hop_length=hop)
-  return db, freqs, times
+  frame centres in s) of mono audio [N]: matplotlib's spectrogram (Hann window) of frames centred
+  on every hop-th sample (the signal padded with n_fft / 2 zeros each side, as librosa centres its
+  STFT). matplotlib's, not librosa's: importing librosa's STFT (scipy.signal, numba) took longer
+  than drawing the picture, and sample.py --plot needs nothing else from it."""
+  from matplotlib import mlab
+  x = np.pad(np.asarray(audio_n, np.float64), n_fft // 2)
+  mag, freqs, times = mlab.specgram(x, NFFT=n_fft, Fs=sample_rate, noverlap=n_fft - hop,
+                                    window=mlab.window_hanning, mode="magnitude")
+  db = 20.0 * np.log10(np.maximum(mag, 1e-10) / max(float(mag.max()), 1e-10))
+  return np.maximum(db, FLOOR_DB), freqs, times - (n_fft // 2) / sample_rate
 
 
 def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str | None = None,
