@@ -17,7 +17,8 @@ from musicgen_jax import cli
 from musicgen_jax.training import loop
 
 _CONFIG = cli.define_config_flag("config", cli.DEFAULT_CONFIG, "Training config.")
-flags.DEFINE_string("workdir", "runs/tiny", "Where checkpoints, metrics and the config are written.")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the config are written (required; "
+                    "the same directory resumes the run).")
 FLAGS = flags.FLAGS
 
 # Architecture fields that come from --config.init_from's model directory when it is given.
@@ -30,6 +31,9 @@ def main(argv):
     cli.fail(f"unexpected arguments {argv[1:]}")
   config = _CONFIG.value
   with cli.friendly_errors("train.py"):
+    if not (FLAGS.workdir or "").strip():
+      raise ValueError("--workdir is required: the directory for this run's checkpoints, metrics "
+                       "and config (give the same one again to resume)")
     fresh = [f"--config.{field}" for part in loop.init_fresh_parts(config)
              for field in loop.INIT_FRESH[part].fields]
     names = [a.split("=")[0] for a in sys.argv[1:]]

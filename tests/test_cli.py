@@ -95,6 +95,14 @@ def test_unknown_config_field_is_one_line_before_anything_runs(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_train_py_needs_a_workdir():
+  """A run's directory is named, never a default that another config's run may already hold."""
+  r = run("train.py", "--config", "configs/musicgen.py:tiny")
+  assert r.returncode == 2 and r.stderr.strip() == (
+      "train.py: error: --workdir is required: the directory for this run's checkpoints, metrics "
+      "and config (give the same one again to resume)"), r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", ["x.mp3", "x.FLAC", "x.ogg", "x.m4a", "x.aac", "x.opus"])
 def test_out_with_another_audio_extension_is_refused(name, sample, tmp_path):
   """Only WAV is written: --out x.mp3 would otherwise become a directory named x.mp3."""

@@ -270,7 +270,8 @@ def test_sample_refuses_a_model_whose_tokenizer_does_not_load(converted, tmp_pat
   monkeypatch.chdir(ROOT)
   import sample
   assert cli.run_main(sample.main, ["sample.py", "--compile-cache=", "--checkpoint", bad, "--prompt",
-                                    "x", "--duration", "0.05", "--noprogress"]) == 2
+                                    "x", "--duration", "0.05", "--noprogress", "--save-tokens",
+                                    str(tmp_path / "t.npy")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1] == (f"sample.py: error: cannot load tokenizer file "
                      f"{os.path.join(bad, 'tokenizer.json')!r} (damaged, or not a `tokenizers` "

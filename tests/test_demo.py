@@ -234,8 +234,9 @@ def test_scripts_run_from_any_working_directory(tmp_path):
   got = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--prompt", "a", "--prompt",
                         "b", "--out", "x.wav"], cwd=tmp_path, capture_output=True, text=True, env=env)
   assert got.returncode == 2 and "names one WAV file but there are 2 prompts" in got.stderr, got.stderr
-  got = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config.train.batch_size=0"],
-                       cwd=tmp_path, capture_output=True, text=True, env=env)
+  got = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--workdir", "w",
+                        "--config.train.batch_size=0"], cwd=tmp_path, capture_output=True, text=True,
+                       env=env)
   assert got.returncode != 0 and "train.batch_size must be an integer >= 1" in got.stderr, got.stderr
 
 

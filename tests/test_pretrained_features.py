@@ -196,7 +196,8 @@ def test_sample_cli_undecodable_melody_is_one_line(melody, tmp_path):
   bad = str(tmp_path / "garbage.wav")
   with open(bad, "wb") as f:
     f.write(np.random.default_rng(0).bytes(3000))
-  res = _sample_cli("--checkpoint", out_dir, "--melody", bad, "--prompt", "x", "--duration", "0.05")
+  res = _sample_cli("--checkpoint", out_dir, "--melody", bad, "--prompt", "x", "--duration", "0.05",
+                    "--save-tokens", str(tmp_path / "t.npy"))
   assert res.returncode == 2, res.stderr[-2000:]
   assert "Traceback" not in res.stderr
   errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
