@@ -93,8 +93,8 @@ def main(argv):
     finally:
       timings.close()
     if stopped:
-      print(f"sample.py: interrupted: the {result.shape[-1] / model.frame_rate:.2f}s finished before "
-            "Ctrl-C were written", file=sys.stderr)
+      print(f"sample.py: interrupted: wrote the first {result.shape[-1] / model.frame_rate:.2f}s, the "
+            "windows finished before Ctrl-C", file=sys.stderr)
       sys.exit(130)
 
 

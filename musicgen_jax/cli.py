@@ -539,8 +539,6 @@ def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
     raise OSError(f"writing the outputs failed ({what}); the generated tokens {codes.shape} were "
                   f"saved to {rescue}" if rescue else f"writing the outputs failed ({what}) and the "
                   "tokens could not be saved anywhere") from None
-  if not lines:
-    lines.append(f"generated {codes.shape}; pass --out DIR or --save-tokens FILE.npy to keep it")
   return lines
 
 
