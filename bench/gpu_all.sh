@@ -13,9 +13,13 @@
 #   b1_long        batch 1 over 1500 steps (30 s): the library's step against cuDNN self-attention,
 #                  which reads only the filled part of the cache (one segment: the whole cache read
 #                  at every step costs 0.31 ms of the 1.29 ms step at 1500 steps)
-#   b1_long_seg4   the same with the step scan in 4 segments
 #   b1_rows        batch 1, 300 steps: the library's step beside its projection weights laid out
 #                  [*out, D_in], so the products-and-sum projections reduce contiguous rows (variant rows)
+#   e2e_30s_b1     e2e_speed: text -> WAV, 30 s, batch 1, cold then warm, ours (sample.py) vs transformers
+#   train_small    train_speed, small shape, 30 s segments, batch 8, bf16: our train step vs
+#                  transformers' decoder step (bf16 autocast, AdamW), steps/s, MFU, peak memory (our
+#                  unrolled step compiled in 178 s on an H200)
+#   b1_long_seg4   b1_long with the step scan in 4 segments
 #   profile_b1     decode_profile, small shape, bf16, batch 1, 300 steps: the decode step's device time by
 #                  kernel (jax.profiler)
 #   variants_b1    attention variants of the decode step timed side by side at batch 1 (XLA's dots,
@@ -31,10 +35,7 @@
 #   codec_30s      codec_speed: EnCodec 32 kHz encode / decode of 30 s, ours vs transformers, fp32
 #   small_b1       sample_speed, small shape (24 x 1024), bf16, batch 1, CFG, 1500 steps: ours vs
 #                  transformers fp32 (its fastest), same run; kernels and bytes copied per step
-#   train_small    train_speed, small shape, 30 s segments, batch 8, bf16: our train step vs
-#                  transformers' decoder step (bf16 autocast, AdamW), steps/s, MFU, peak memory
 #   small_b64      the same at batch 64 (segments chosen by the sampler: 4)
-#   e2e_30s_b1     e2e_speed: text -> WAV, 30 s, batch 1, cold then warm, ours (sample.py) vs transformers
 #   cmdbuf_while   small_b1 ours only, with XLA command buffers for the whole step loop (WHILE, CONDITIONAL)
 #   medium_b1      48 x 1536, batch 1, 300 steps, ours only
 #   large_b1       48 x 2048, batch 1, 300 steps, ours only
@@ -116,11 +117,13 @@ piece env 60 -- bash -c "$(declare -f env_check); env_check"
 piece gpu_tests 150 -- python -m pytest -q -n 0 -p no:cacheprovider tests/test_lm.py -k cudnn
 piece b1_long 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
     --batch 1 --steps $STEPS --variants base,cudnn-self --agree-steps 0 --json "$OUT/b1_long.json"
+piece b1_rows 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
+    --batch 1 --steps $SHORT --variants base,rows --json "$OUT/b1_rows.json"
+piece e2e_30s_b1 200 -- python bench/e2e_speed.py "${E2E[@]}" ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/e2e.json"
+piece train_small 300 -- python bench/train_speed.py "${TRAIN[@]}" --json "$OUT/train_small.json"
 piece b1_long_seg4 90 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
     --batch 1 --steps $STEPS --segments 4 --variants base,cudnn-self --agree-steps 0 \
     --json "$OUT/b1_long_seg4.json"
-piece b1_rows 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
-    --batch 1 --steps $SHORT --variants base,rows --json "$OUT/b1_rows.json"
 piece profile_b1 120 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
     --batch 1 --steps $SHORT --variants base --profile --agree-steps 0 --json "$OUT/profile_b1.json"
 piece variants_b1 200 -- "${PY[@]}" bench/decode_profile.py ${SMALL[@]+"${SMALL[@]}"} --dtype bfloat16 \
@@ -146,10 +149,8 @@ piece b1_cublas 130 XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" -- "${PY[@]}"
 piece codec_30s 120 -- python bench/codec_speed.py --seconds $CODEC_S --repeats 5
 piece small_b1 110 -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch 1 --steps $STEPS --repeats 3 \
     --hf-repeats 1 --hlo-stats ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/small_b1.json"
-piece train_small 170 -- python bench/train_speed.py "${TRAIN[@]}" --json "$OUT/train_small.json"
 piece small_b64 240 -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch $B64 --steps $STEPS --repeats 2 \
     --hf-repeats 1 --hlo-stats ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/small_b64.json"
-piece e2e_30s_b1 200 -- python bench/e2e_speed.py "${E2E[@]}" ${EXTRA[@]+"${EXTRA[@]}"} --json "$OUT/e2e.json"
 piece cmdbuf_while 70 XLA_FLAGS="$WHILE_FLAGS" -- "${PY[@]}" "${SS[@]}" ${SMALL[@]+"${SMALL[@]}"} --batch 1 \
     --steps $STEPS --repeats 3 --skip-hf --hlo-stats --json "$OUT/cmdbuf_while.json"
 piece medium_b1 90 -- "${PY[@]}" "${SS[@]}" "${MEDIUM[@]}" --batch 1 --steps $SHORT --repeats 2 \
