@@ -225,14 +225,6 @@ class MusicGenLM(nn.Module):
     x = sum(self.embed_tokens[k][tokens_bkn[:, k]] for k in range(self.cfg.num_codebooks))
     return x + sinusoidal_positions(pos_n, self.cfg.dim)[None]
 
-  def beat_clock(self, frames_n: jax.Array, beat_b: jax.Array | None, batch: int) -> jax.Array:
-    """The beat clock's contribution to the audio steps at frames [N] -> [B, N, D] float32 (zeros
-    without a clock or a tempo)."""
-    c = self.cfg
-    if not c.beat_clock_rate or beat_b is None:
-      return jnp.zeros((batch, frames_n.shape[0], c.dim), jnp.float32)
-    return tempo_lib.clock_embedding(frames_n, beat_b, c.beat_clock_rate, self.beat_proj)
-
   def heads(self, x_bnd: jax.Array) -> jax.Array:
     """Final LayerNorm and the K heads -> logits [B, K, N, card] float32."""
     h = self.layer_norm(x_bnd).astype(self.cfg.compute_dtype)
@@ -246,7 +238,7 @@ class MusicGenLM(nn.Module):
   def __call__(self, tokens_bks: jax.Array, conds: Conditions) -> jax.Array:
     """Full forward: steps [B, K, S] -> logits [B, K, S, card] (logit at step s predicts step s+1)."""
     cond = self.project_conditions(conds)
-    x, p = self._with_prefix(tokens_bks, cond.prefix, 0, conds.beat)
+    x, p = self._with_prefix(tokens_bks, cond.prefix, 0, cond.beat)
     ctx = {}
     if cond.cross is not None:
       ctx["cond"] = cond.cross
@@ -255,13 +247,14 @@ class MusicGenLM(nn.Module):
     return self.heads(x[:, p:])
 
   def _with_prefix(self, tokens_bkn, prefix: jax.Array | None, offset, beat_b=None):
-    """Embeds tokens at positions P + offset.. (with the beat clock at frames offset..) and prepends
-    the prefix [B, P, D] (if any) at 0..P-1."""
+    """Embeds tokens at positions P + offset.. (with the beat clock [B, 2] at frames offset.., as
+    project_conditions gives it: None without a clock) and prepends the prefix [B, P, D] (if any)
+    at 0..P-1."""
     p = 0 if prefix is None else prefix.shape[1]
     frames_n = offset + jnp.arange(tokens_bkn.shape[-1])
     x = self.embed(tokens_bkn, p + frames_n)
-    if self.cfg.beat_clock_rate:
-      x = x + self.beat_clock(frames_n, beat_b, tokens_bkn.shape[0])
+    if beat_b is not None:
+      x = x + tempo_lib.clock_embedding(frames_n, beat_b, self.cfg.beat_clock_rate, self.beat_proj)
     if p:
       pre = prefix + sinusoidal_positions(jnp.arange(p), self.cfg.dim)[None]
       x = jnp.concatenate([pre.astype(x.dtype), x], axis=1)
