@@ -8,7 +8,7 @@
 
 Without --checkpoint the model that ships with the repo (models/demo) is used; with --config and no
 --checkpoint, a randomly initialised model of that config (smoke runs, tests).
-All prompts run in one compiled call; compiled programs are kept in a per-user cache, so the next run
+All prompts run in one compiled call (in batches when they do not fit in memory); compiled programs are kept in a per-user cache, so the next run
 with the same shapes starts at once. Bad input stops with one line before anything is loaded.
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ flags.DEFINE_string("save-tokens", None, "Write the generated codes [B, K, T] to
 flags.DEFINE_bool("overwrite", False, "Replace output files that already exist.")
 flags.DEFINE_string("melody", None, "Audio file whose chromagram conditions a melody model.")
 flags.DEFINE_string("prompt-audio", None, "Audio file to continue; the output starts with it.")
+flags.DEFINE_integer("batch-size", None, "Prompts per compiled call (default: all of them when they "
+                     "fit in memory, else as many as fit); each batch is written as it finishes.")
 flags.DEFINE_float("stride", None, "Long-form: seconds to advance per window (default: half).")
 flags.DEFINE_bool("plot", False, "Also write a spectrogram PNG beside each WAV.")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
@@ -82,19 +84,13 @@ def main(argv):
       with timings.phase("load"):
         model = cli.load_model(checkpoint_dir, _CONFIG.value, overrides=overrides, dtype=dtype,
                                verify=f["verify"], mesh=mesh)
-      try:
-        result, stopped = cli.run_sample(model, request, timings), False
-      except pipeline.GenerationInterrupted as e:   # Ctrl-C: the finished windows are kept
-        result, stopped = e.codes, True
-      for line in cli.write_outputs(model, request, result, timings):
-        print(line)
+      stopped = cli.generate_and_write(model, request, timings)   # Ctrl-C: what is finished is kept
       if request.verbose:
         print(timings.summary(), file=sys.stderr)
     finally:
       timings.close()
     if stopped:
-      print(f"sample.py: interrupted: wrote the first {result.shape[-1] / model.frame_rate:.2f}s, the "
-            "windows finished before Ctrl-C", file=sys.stderr)
+      print(f"sample.py: {stopped}", file=sys.stderr)
       sys.exit(130)
 
 

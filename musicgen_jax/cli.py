@@ -212,6 +212,7 @@ class SampleRequest:
   overwrite: bool = False
   max_duration: float = 3600.0
   verbose: bool = False
+  batch_size: int | None = None     # prompts per compiled call; None: all that fit in memory
 
   @classmethod
   def from_flags(cls, f: dict) -> "SampleRequest":
@@ -240,6 +241,8 @@ class SampleRequest:
                        f"({f['max-duration']:g}s): pass --max-duration {f['duration']:g} to allow it")
     _finite("stride", f["stride"])
     seed = pipeline.check_seed(f["seed"])
+    if f.get("batch-size") is not None and f["batch-size"] < 1:
+      raise ValueError(f"--batch-size must be at least 1 (prompts per call), got {f['batch-size']}")
     for name in ("melody", "prompt-audio"):
       if f[name] and not os.path.isfile(f[name]):
         raise ValueError(f"--{name} file {f[name]} does not exist")
@@ -253,7 +256,7 @@ class SampleRequest:
                        "directory for one WAV per prompt")
     req = cls(prompts, f["duration"], settings, seed, f["out"], f["save-tokens"], f["melody"],
               f["prompt-audio"], f["stride"], f["plot"], f["progress"], f["overwrite"],
-              f["max-duration"], f["verbose"])
+              f["max-duration"], f["verbose"], f.get("batch-size"))
     if req.plot and not req.out:
       raise ValueError("--plot draws each WAV's spectrogram next to it: pass --out FILE.wav or DIR "
                        "too")
@@ -418,11 +421,13 @@ class Timings:
 
 
 class Progress:
-  """A tqdm bar over the decode steps of every window (the sampler reports between its compiled
-  chunks), and the time estimate of a long-form run once its first window is done."""
+  """A tqdm bar over the decode steps of every window of every batch (the sampler reports between
+  its compiled chunks), and the time estimate of a long run once its first window (or, in one
+  window, batch) is done."""
 
-  def __init__(self, windows: int, enabled: bool, timings: Timings):
-    self.windows, self.enabled, self.timings = windows, enabled, timings
+  def __init__(self, windows: int, enabled: bool, timings: Timings,
+               unit: tuple[str, str] = ("window", "windows")):
+    self.windows, self.enabled, self.timings, self.unit = windows, enabled, timings, unit
     self.window, self.last, self.bar = 0, -1, None
     self.t0, self.c0 = time.perf_counter(), timings.compile
 
@@ -443,8 +448,9 @@ class Progress:
   def _estimate(self) -> None:
     spent = time.perf_counter() - self.t0 - (self.timings.compile - self.c0)
     left = spent * (self.windows - 1)
-    line = (f"note: first window decoded in {spent:.1f}s (compile excluded): about "
-            f"{_human(left)} for the {self.windows - 1} windows left")
+    one, many = self.unit
+    line = (f"note: first {one} decoded in {spent:.1f}s (compile excluded): about "
+            f"{_human(left)} for the {self.windows - 1} {many} left")
     if self.bar is not None:
       self.bar.write(line, file=sys.stderr)
     else:
@@ -464,8 +470,40 @@ def _human(seconds: float) -> str:
 
 
 # --- generating and writing -------------------------------------------------------------------------
-def run_sample(model: MusicGen, req: SampleRequest, timings: Timings | None = None) -> np.ndarray:
-  """-> codes [B, K, T] for all prompts (one compiled call per window shape)."""
+def batch_size(model: MusicGen, req: SampleRequest, duration: float,
+               settings: sampling.SamplingSettings) -> int:
+  """Prompts per compiled call: --batch-size, else all of them when their decoding fits in memory,
+  else as many as fit (with a note). What does not fit is refused (ValueError) before any compile."""
+  n = len(req.prompts)
+  if req.batch_size:
+    size = min(req.batch_size, n)
+    model.check_memory(size, duration, settings)
+    return size
+  fit = model.max_batch(duration, settings)
+  if fit is None or fit >= n:
+    return n
+  if fit == 0:
+    model.check_memory(n, duration, settings)   # raises: not even one prompt fits
+  gib = lambda b: f"{b / 2**30:.1f} GiB"
+  print(f"note: decoding all {n} prompts at once needs about "
+        f"{gib(model.decode_need(n, duration, settings)['total'])} per device, more than is free: "
+        f"they run in {-(-n // fit)} batches of {fit} (--batch-size)", file=sys.stderr)
+  return fit
+
+
+def batch_seed(seed: int, batch: int) -> int:
+  """The seed of the prompts' batch `batch` (0: `seed` itself, so one batch samples as before)."""
+  if batch == 0:
+    return seed
+  return int(np.random.SeedSequence([seed, 0, batch]).generate_state(1)[0])
+
+
+def sample_batches(model: MusicGen, req: SampleRequest, timings: Timings | None = None
+                   ) -> Iterator[tuple[int, np.ndarray]]:
+  """Generates the prompts, in batches of `batch_size` (the last padded with repeats of its last
+  prompt, so that one compiled program serves all) -> yields (the index of the batch's first prompt,
+  its codes [b, K, T]) as each batch finishes. Ctrl-C in long-form after a batch's first window
+  raises GenerationInterrupted with that batch's finished windows and `start`."""
   timings = timings or Timings(listen=False)
   settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict(), **req.settings)
   duration = req.duration if req.duration is not None else float(model.config.sampling.duration)
@@ -475,31 +513,93 @@ def run_sample(model: MusicGen, req: SampleRequest, timings: Timings | None = No
   if req.plot and model.codec is None:
     raise ValueError("--plot draws the spectrogram of the audio, and this model has no codec (it "
                      "writes tokens): drop --plot, or use a model directory with a codec")
-  model.check_memory(len(req.prompts), duration, settings)   # GPUs / TPUs: before any compile
+  size = batch_size(model, req, duration, settings)   # the memory check: before any compile
   prompt = chroma = None
   with timings.phase("codec"):
     if req.prompt_audio:
-      prompt = np.repeat(model.encode_audio_file(req.prompt_audio), len(req.prompts), axis=0)
+      prompt = np.repeat(model.encode_audio_file(req.prompt_audio), size, axis=0)
     if req.melody:
-      chroma = model.melody_chroma_file(req.melody, len(req.prompts))
+      chroma = model.melody_chroma_file(req.melody, size)
   windows, window, stride = model.long_form_plan(duration, req.stride)
+  batches = -(-len(req.prompts) // size)
   if windows > 1:
     print(f"note: {duration:g}s is longer than this model's window ({window:.2f}s): {windows} "
           f"windows, each adding {stride:.2f}s; an estimate of the time follows the first window",
           file=sys.stderr)
-  progress = Progress(windows, req.progress, timings)
-  callback = progress if (req.progress or windows > 2) else None   # None: one compiled call
+  progress = Progress(windows * batches, req.progress, timings,
+                      unit=("window", "windows") if windows > 1 else ("batch", "batches"))
+  callback = progress if (req.progress or windows * batches > 2) else None   # None: one call
   try:
-    with timings.phase("generate"):
-      return model.generate_long(req.prompts, duration, settings, seed=req.seed, prompt=prompt,
-                                 chroma=chroma, stride=req.stride, progress=callback)
+    for b in range(batches):
+      start = b * size
+      texts = req.prompts[start:start + size]
+      real = len(texts)
+      texts = texts + texts[-1:] * (size - real)
+      try:
+        with timings.phase("generate"):
+          codes = model.generate_long(texts, duration, settings, seed=batch_seed(req.seed, b),
+                                      prompt=prompt, chroma=chroma, stride=req.stride,
+                                      progress=callback)
+      except pipeline.GenerationInterrupted as e:
+        raise pipeline.GenerationInterrupted(e.codes[:real], start) from None
+      yield start, codes[:real]
   finally:
     progress.close()
 
 
+def run_sample(model: MusicGen, req: SampleRequest, timings: Timings | None = None) -> np.ndarray:
+  """-> codes [B, K, T] for all prompts (sample_batches, joined)."""
+  return np.concatenate([codes for _, codes in sample_batches(model, req, timings)])
+
+
+def generate_and_write(model: MusicGen, req: SampleRequest, timings: Timings) -> str | None:
+  """sample.py's work: generates batch by batch, writing each batch's files as it finishes (a line
+  per file on stdout); the tokens (--save-tokens) of all prompts at the end. Ctrl-C keeps what is
+  finished: the batches done, and in long-form the finished windows of the batch under way. -> None,
+  or after Ctrl-C a line that says what was written."""
+  done: list[np.ndarray] = []
+  several = False                          # more than one batch: tokens written at the end
+  stopped = None
+  try:
+    for start, codes in sample_batches(model, req, timings):
+      several = codes.shape[0] < len(req.prompts)
+      for line in write_outputs(model, req, codes, timings, start=start, tokens=not several):
+        print(line)
+      done.append(codes)
+  except pipeline.GenerationInterrupted as e:
+    several = e.codes.shape[0] < len(req.prompts)
+    if not several:                        # one batch: its finished windows, tokens too
+      for line in write_outputs(model, req, e.codes, timings):
+        print(line)
+      return (f"interrupted: wrote the first {e.codes.shape[-1] / model.frame_rate:.2f}s, the "
+              "windows finished before Ctrl-C")
+    for line in write_outputs(model, req, e.codes, timings, start=e.start, tokens=False):
+      print(line)
+    stopped = (f"interrupted: wrote {e.start} of {len(req.prompts)} prompts in full and the first "
+               f"{e.codes.shape[-1] / model.frame_rate:.2f}s of prompts {e.start + 1}-"
+               f"{e.start + e.codes.shape[0]}, the windows finished before Ctrl-C")
+  except KeyboardInterrupt:
+    if not done:
+      raise
+    stopped = f"interrupted: wrote {sum(len(c) for c in done)} of {len(req.prompts)} prompts"
+  if several and done and req.save_tokens:
+    codes = np.concatenate(done)
+    save_tokens(req.save_tokens, codes, timings)
+    print(f"tokens {codes.shape} -> {req.save_tokens}"
+          + (f" (the {len(codes)} complete prompts)" if stopped else ""))
+  return stopped
+
+
+def save_tokens(path: str, codes: np.ndarray, timings: Timings | None = None) -> None:
+  with (timings or Timings(listen=False)).phase("write"):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.save(path, codes)
+
+
 def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
-                  timings: Timings | None = None) -> list[str]:
-  """Writes tokens / WAVs (/ PNGs); returns one line per file written.
+                  timings: Timings | None = None, start: int = 0, tokens: bool = True) -> list[str]:
+  """Writes the files of prompts start.. start + len(codes): their WAVs (/ PNGs) and, with `tokens`,
+  --save-tokens; returns one line per file written.
 
   If anything fails after generation, the tokens are saved to a fallback file first and the error
   (one line) says where, so a finished generation is never lost.
@@ -508,17 +608,16 @@ def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
   timings = timings or Timings(listen=False)
   lines: list[str] = []
   try:
-    if req.save_tokens:
-      with timings.phase("write"):
-        os.makedirs(os.path.dirname(os.path.abspath(req.save_tokens)), exist_ok=True)
-        np.save(req.save_tokens, codes)
+    if req.save_tokens and tokens:
+      save_tokens(req.save_tokens, codes, timings)
       lines.append(f"tokens {codes.shape} -> {req.save_tokens}")
     if req.out:
-      os.makedirs(os.path.dirname(os.path.abspath(req.stems()[0])), exist_ok=True)
+      stems = req.stems()[start:start + codes.shape[0]]
+      os.makedirs(os.path.dirname(os.path.abspath(stems[0])), exist_ok=True)
       with timings.phase("codec"):
         audio = model.decode(codes)
       with timings.phase("write"):
-        for i, stem in enumerate(req.stems()):
+        for i, stem in enumerate(stems):
           if audio is None:
             np.save(stem + ".npy", codes[i])
             lines.append(f"tokens (this model has no codec) -> {stem}.npy")
@@ -528,7 +627,7 @@ def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
           if req.plot:
             from musicgen_jax import plotting   # matplotlib: imported only with --plot
             plotting.spectrogram_png(stem + ".png", audio[i], model.sample_rate,
-                                     title=req.prompts[i])
+                                     title=req.prompts[start + i])
             lines.append(f"spectrogram -> {stem}.png")
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- rescue the tokens, then report
     near = os.path.dirname(os.path.abspath(req.save_tokens or os.path.join(req.out or ".", "x")))

@@ -63,11 +63,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 class GenerationInterrupted(KeyboardInterrupt):
   """Ctrl-C during long-form generation after its first window: `codes` [B, K, T] are the windows
-  finished by then (T frames, fewer than asked), so that a long run's work can still be written."""
+  finished by then (T frames, fewer than asked), so that a long run's work can still be written;
+  `start`: the index of their first prompt among a run's (sample.py's batches)."""
 
-  def __init__(self, codes: np.ndarray):
+  def __init__(self, codes: np.ndarray, start: int = 0):
     super().__init__()
-    self.codes = codes
+    self.codes, self.start = codes, start
 
 
 def window_seed(seed: int, window: int) -> int:
@@ -144,10 +145,37 @@ def codec_from_config(config: ml_collections.ConfigDict):
   return EncodecModel(EncodecConfig.from_hf_dict(enc.to_dict()))
 
 
+def _host_available_bytes() -> int | None:
+  """The host's available memory (Linux MemAvailable: free memory plus what the kernel can reclaim),
+  else the free pages; None when the system tells neither."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as fh:
+      for line in fh:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+  except (AttributeError, OSError, ValueError):
+    return None
+
+
+HOST_RESERVE = (2 * 2**30, 0.1)   # bytes, share: what CPU runs keep back for compiling and the rest
+
+
 def free_device_bytes() -> int | None:
-  """Free memory of the fullest local device (bytes_limit - bytes_in_use), None when a device
-  reports no statistics (CPUs)."""
-  stats = [d.memory_stats() for d in jax.local_devices()]
+  """Free memory per local device: on GPUs / TPUs that of the fullest device (bytes_limit -
+  bytes_in_use); on CPUs the host's available memory less HOST_RESERVE (the larger of 2 GiB and 10%:
+  XLA's compiler and the process's other arrays, which the estimates do not count; the small
+  MusicGen's CPU run peaked 2.6 GB above them), shared by the CPU devices; None when unknown."""
+  devices = jax.local_devices()
+  if all(d.platform == "cpu" for d in devices):
+    host = _host_available_bytes()
+    if host is None:
+      return None
+    return max(0, host - max(HOST_RESERVE[0], int(HOST_RESERVE[1] * host))) // len(devices)
+  stats = [d.memory_stats() for d in devices]
   if any(not st or "bytes_limit" not in st for st in stats):
     return None
   return min(int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0)) for st in stats)
@@ -210,6 +238,7 @@ class MusicGen:
     self._frame_nll = None   # built by frame_nll on first use
     if self.codec is not None:
       self._codec_decode = jax.jit(self.codec.decode)
+      self._codec_programs: dict[tuple[int, ...], Any] = {}   # compiled decodes, per codes shape
       self._codec_encode = jax.jit(self.codec.encode, static_argnums=2)
 
   # --- construction -----------------------------------------------------------------------------
@@ -400,35 +429,72 @@ class MusicGen:
     f = nll_bt.shape[1] if frames is None else max(1, min(int(frames), nll_bt.shape[1]))
     return nll_bt[:, :f].sum(axis=1) / max(int(tokens_t[:f].sum()), 1)
 
-  def check_memory(self, batch: int, duration: float,
-                   settings: sampling.SamplingSettings = sampling.SamplingSettings(),
-                   free_bytes: int | None = None) -> dict[str, int] | None:
-    """Refuses, before anything compiles, a batch whose decoding would not fit in device memory:
-    ValueError with the estimated need per device (lm_decode.decode_bytes for one window, the batch
-    split over the mesh's data axes) and the free memory of the fullest local device. Devices that
-    report no memory statistics (CPUs) are not checked. -> the estimate, or None when unchecked."""
-    free_bytes = free_device_bytes() if free_bytes is None else free_bytes
-    if free_bytes is None:
-      return None
+  def decode_need(self, batch: int, duration: float,
+                  settings: sampling.SamplingSettings = sampling.SamplingSettings()) -> dict[str, int]:
+    """Bytes per device that decoding `batch` prompts of `duration` seconds (one window at most)
+    adds to the stored parameters: lm_decode.decode_bytes, the batch split over the mesh's data
+    axes. Nothing is compiled."""
     c = self.lm_cfg
     frames = self.frames_for(min(duration, self.max_duration()))
     text_len = int(self.config.text.max_length)
-    rows = batch * (2 if settings.cfg_coef != 1.0 and settings.cfg_mode == "batch" else 1)
-    shards = 1
-    if self.mesh is not None:
-      shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
-    rows = -(-rows // shards)
+    rows = -(-batch * self._rows_per_prompt(settings) // self._data_shards)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params["lm"]))
-    need = lm_decode.decode_bytes(c, num_params, rows,
+    return lm_decode.decode_bytes(c, num_params, rows,
                                   self.prefix_length(text_len) + self.pattern.num_steps(frames),
                                   text_len)
+
+  @staticmethod
+  def _rows_per_prompt(settings: sampling.SamplingSettings) -> int:
+    return 2 if settings.cfg_coef != 1.0 and settings.cfg_mode == "batch" else 1
+
+  @property
+  def _data_shards(self) -> int:
+    if self.mesh is None:
+      return 1
+    return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
+
+  def max_batch(self, duration: float,
+                settings: sampling.SamplingSettings = sampling.SamplingSettings(),
+                free_bytes: int | None = None) -> int | None:
+    """The most prompts (a multiple of the data shards) whose decoding fits in `free_bytes` per
+    device (default: what is free now); 0 when not even one does; None when the memory is unknown."""
+    free_bytes = free_device_bytes() if free_bytes is None else free_bytes
+    if free_bytes is None:
+      return None
+    fits = lambda b: self.decode_need(b, duration, settings)["total"] <= free_bytes
+    shards = self._data_shards
+    if not fits(shards):
+      return 0
+    lo, hi = 1, 2                        # in units of `shards` prompts: fits(lo), then find a miss
+    while fits(hi * shards) and hi < 2**24:
+      lo, hi = hi, hi * 2
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if fits(mid * shards) else (lo, mid)
+    return lo * shards
+
+  def check_memory(self, batch: int, duration: float,
+                   settings: sampling.SamplingSettings = sampling.SamplingSettings(),
+                   free_bytes: int | None = None) -> dict[str, int] | None:
+    """Refuses, before anything compiles, a batch whose decoding would not fit in memory: ValueError
+    with the estimated need per device (decode_need) and the free memory (free_device_bytes: the
+    fullest accelerator, or the host's available memory on CPUs) and the most prompts that fit.
+    -> the estimate, or None when the free memory is unknown."""
+    free_bytes = free_device_bytes() if free_bytes is None else free_bytes
+    if free_bytes is None:
+      return None
+    need = self.decode_need(batch, duration, settings)
     if need["total"] > free_bytes:
       gib = lambda b: f"{b / 2**30:.2f} GiB"
+      frames = self.frames_for(min(duration, self.max_duration()))
+      fit = self.max_batch(duration, settings, free_bytes)
+      remedy = (f"pass --batch-size {fit} (prompts per call)" if fit else
+                "this model does not fit even for one prompt: use a device with more memory")
       raise ValueError(
           f"decoding {batch} prompt(s) of {frames / self.frame_rate:.1f}s needs about "
           f"{gib(need['total'])} per device (KV caches {gib(need['caches'])}, serving weights "
-          f"{gib(need['weights'])}) but {gib(free_bytes)} is free: use fewer prompts per run, a "
-          "shorter --duration (longer ones run in windows), --cfg-mode two_pass, or more devices")
+          f"{gib(need['weights'])}) but {gib(free_bytes)} is free: {remedy}, or a shorter "
+          "--duration (longer ones run in windows), --cfg-mode two_pass, or more devices")
     return need
 
   # --- long-form ----------------------------------------------------------------------------------
@@ -556,9 +622,52 @@ class MusicGen:
     out = [self._decode_chunked(np.asarray(c), chunk_seconds, context_seconds) for c in streams]
     return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
 
+  def _codec_program(self, shape: tuple[int, ...]):
+    """The codec's decode compiled for codes of `shape` (kept per shape)."""
+    if shape not in self._codec_programs:
+      codes = jax.ShapeDtypeStruct(shape, jnp.int32)
+      self._codec_programs[shape] = self._codec_decode.lower(self.params["codec"], codes).compile()
+    return self._codec_programs[shape]
+
+  def codec_rows(self, shape: tuple[int, ...], free_bytes: int | None = None) -> int:
+    """How many rows of codes of `shape` [B, K, T] one codec call decodes: all of them when the
+    compiled decode's buffers (temporaries and output, from XLA's memory analysis) fit in the free
+    memory (free_device_bytes), else as many as fit; ValueError when not even one row does."""
+    free_bytes = free_device_bytes() if free_bytes is None else free_bytes
+    batch, frames = shape[0], shape[-1]
+    analysis = self._codec_program(tuple(shape)).memory_analysis()
+    if free_bytes is None or analysis is None:
+      return batch
+    need = int(analysis.temp_size_in_bytes) + int(analysis.output_size_in_bytes)
+    if need <= free_bytes:
+      return batch
+    rows = int(free_bytes // -(-need // batch))
+    if rows < 1:
+      raise ValueError(f"decoding the audio of one prompt needs about {need / batch / 2**30:.2f} GiB "
+                       f"({frames / self.frame_rate:.1f}s at a time) but {free_bytes / 2**30:.2f} GiB "
+                       "is free: free some memory, or sample a shorter --duration")
+    return rows
+
   def _decode_chunked(self, codes_bkt: np.ndarray, chunk_seconds: float,
                       context_seconds: float) -> np.ndarray:
-    decode = lambda c: np.asarray(self._codec_decode(self.params["codec"], jnp.asarray(c)))
+    """Time chunks of `chunk_seconds` (with context), each in row groups that fit in memory (the last
+    group padded, so that one compiled shape serves all)."""
+    rows = None
+
+    def decode(c):
+      nonlocal rows
+      c = np.asarray(c, np.int32)
+      rows = rows or self.codec_rows(c.shape)
+      program = self._codec_program((rows,) + c.shape[1:])
+      place = program.input_shardings[0][1]
+      out = []
+      for a in range(0, c.shape[0], rows):
+        part = c[a:a + rows]
+        if part.shape[0] < rows:
+          part = np.concatenate([part, np.repeat(part[-1:], rows - part.shape[0], axis=0)])
+        out.append(np.asarray(program(self.params["codec"], jax.device_put(part, place))))
+      return np.concatenate(out)[:c.shape[0]]
+
     total = codes_bkt.shape[-1]
     length = max(1, int(round(chunk_seconds * self.frame_rate)))
     ctx = min(int(round(context_seconds * self.frame_rate)), (length - 1) // 2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.musicgen import get_config
-from musicgen_jax import checkpoint, sampling
+from musicgen_jax import checkpoint, cli, pipeline, sampling
 from musicgen_jax.pipeline import MusicGen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +159,84 @@ def test_plot_that_would_draw_nothing_is_refused_before_generation(sample, tmp_p
   rc, _, err = sample("--prompt", "x", "--plot", "--out", str(tmp_path / "o"))
   assert rc == 2 and "no codec" in err and "Traceback" not in err
   assert generated == [] and not (tmp_path / "o").exists()
+
+
+PROMPTS = ["a folk song", "a Bach chorale", "an Irish reel"]
+
+
+def _prompt_args(prompts=PROMPTS):
+  return [a for p in prompts for a in ("--prompt", p)] + ["--duration", "0.4"]
+
+
+def test_batches_equal_runs_of_their_prompts(sample, tmp_path, monkeypatch):
+  """--batch-size: each batch samples as a run of its own prompts would (the first with --seed, the
+  others with their derived seeds; the last batch padded with its last prompt), its WAVs named by the
+  prompts' places in the whole list, the tokens of all prompts in one file."""
+  real, sizes = MusicGen.generate_long, []
+
+  def generate_long(self, texts, *a, **k):
+    sizes.append(len(texts))
+    return real(self, texts, *a, **k)
+  monkeypatch.setattr(MusicGen, "generate_long", generate_long)
+  rc, out, err = sample(*_prompt_args(), "--batch-size", "2", "--seed", "4",
+                        "--out", str(tmp_path / "o"), "--save-tokens", str(tmp_path / "all.npy"))
+  assert rc == 0, err
+  got = np.load(tmp_path / "all.npy")
+  assert got.shape == (3, 4, 20) and sizes == [2, 2]     # one compiled shape
+  assert sorted(os.listdir(tmp_path / "o"))[:3] == ["000_a_folk_song.npy", "001_a_bach_chorale.npy",
+                                                    "002_an_irish_reel.npy"]
+  np.testing.assert_array_equal(np.load(tmp_path / "o" / "002_an_irish_reel.npy"), got[2])
+  rc, _, err = sample(*_prompt_args(PROMPTS[:2]), "--seed", "4", "--save-tokens",
+                      str(tmp_path / "first.npy"))
+  assert rc == 0, err
+  np.testing.assert_array_equal(np.load(tmp_path / "first.npy"), got[:2])
+  second = cli.batch_seed(4, 1)
+  assert second not in (4, cli.batch_seed(4, 2), pipeline.window_seed(4, 1))
+  rc, _, err = sample(*_prompt_args(PROMPTS[2:] * 2), "--seed", str(second), "--save-tokens",
+                      str(tmp_path / "last.npy"))
+  assert rc == 0, err
+  np.testing.assert_array_equal(np.load(tmp_path / "last.npy")[:1], got[2:])
+  rc, _, err = sample(*_prompt_args(), "--batch-size", "0", "--save-tokens", str(tmp_path / "z.npy"))
+  assert rc == 2 and "--batch-size must be at least 1" in err and "Traceback" not in err
+
+
+def test_prompts_that_do_not_fit_run_in_batches_that_do(sample, tmp_path, monkeypatch):
+  """Without --batch-size, prompts whose decoding would not fit in memory together run in batches of
+  as many as fit (with a note), as --batch-size would; an explicit --batch-size too large is refused
+  before anything compiles, naming the size that fits."""
+  model = MusicGen.random(get_config("tiny"))
+  settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict())
+  monkeypatch.setattr(pipeline, "free_device_bytes",
+                      lambda: model.decode_need(2, 0.4, settings)["total"])
+  rc, _, err = sample(*_prompt_args(), "--save-tokens", str(tmp_path / "auto.npy"))
+  assert rc == 0 and "they run in 2 batches of 2 (--batch-size)" in err, err
+  rc, _, err = sample(*_prompt_args(), "--batch-size", "2", "--save-tokens", str(tmp_path / "2.npy"))
+  assert rc == 0 and "batches of" not in err, err
+  np.testing.assert_array_equal(np.load(tmp_path / "auto.npy"), np.load(tmp_path / "2.npy"))
+  rc, _, err = sample(*_prompt_args(), "--batch-size", "3", "--save-tokens", str(tmp_path / "3.npy"))
+  assert rc == 2 and "pass --batch-size 2" in err and "Traceback" not in err
+  assert not (tmp_path / "3.npy").exists()
+
+
+def test_ctrl_c_between_batches_keeps_the_batches_done(sample, tmp_path, monkeypatch):
+  """Ctrl-C in the second batch: the first batch's files are written already, and --save-tokens gets
+  its prompts' tokens (those of an uninterrupted run); exit 130."""
+  args = [*_prompt_args(), "--batch-size", "2"]
+  rc, _, err = sample(*args, "--save-tokens", str(tmp_path / "all.npy"))
+  assert rc == 0, err
+  real, calls = MusicGen.generate_long, []
+
+  def generate_long(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(self, *a, **k)
+  monkeypatch.setattr(MusicGen, "generate_long", generate_long)
+  rc, out, err = sample(*args, "--out", str(tmp_path / "o"), "--save-tokens",
+                        str(tmp_path / "part.npy"))
+  assert rc == 130 and "interrupted: wrote 2 of 3 prompts" in err and "Traceback" not in err
+  np.testing.assert_array_equal(np.load(tmp_path / "part.npy"), np.load(tmp_path / "all.npy")[:2])
+  assert sorted(os.listdir(tmp_path / "o")) == ["000_a_folk_song.npy", "001_a_bach_chorale.npy"]
 
 
 def test_ctrl_c_in_long_form_writes_the_windows_finished(sample, tmp_path, monkeypatch):

@@ -537,12 +537,18 @@ def test_batch_that_does_not_fit_is_one_line_before_compiling(sample, model_dir,
   from musicgen_jax import pipeline, sampling as sampling_lib
   model = MusicGen.random(get_config("tiny"), seed=3)
   need = model.check_memory(4, 1.0, free_bytes=2**40)["total"]
-  assert model.check_memory(4, 1.0) is None                      # CPUs report no memory statistics
-  with pytest.raises(ValueError, match=r"needs about .* GiB per device .* is free"):
+  assert model.decode_need(4, 1.0)["total"] == need
+  with pytest.raises(ValueError, match=r"needs about .* GiB per device .* is free: pass "
+                                       r"--batch-size [1-3] "):
     model.check_memory(4, 1.0, free_bytes=need - 1)
   assert model.check_memory(2, 1.0, free_bytes=need - 1)["total"] < need   # fewer prompts fit
   two_pass = sampling_lib.SamplingSettings(cfg_mode="two_pass")
   assert model.check_memory(4, 1.0, two_pass, free_bytes=need - 1)["total"] < need
+  # The most prompts that fit: the estimate is affine in the batch, so the search must land on the edge.
+  for free in (need - 1, need, 10 * need, model.decode_need(1, 1.0)["total"]):
+    fit = model.max_batch(1.0, free_bytes=free)
+    assert model.decode_need(fit, 1.0)["total"] <= free < model.decode_need(fit + 1, 1.0)["total"]
+  assert model.max_batch(1.0, free_bytes=model.decode_need(1, 1.0)["total"] - 1) == 0
 
   def refuse(*a, **k):
     raise AssertionError("compiled before the memory check")
@@ -550,5 +556,34 @@ def test_batch_that_does_not_fit_is_one_line_before_compiling(sample, model_dir,
   monkeypatch.setattr(sampling_lib, "generate", refuse)
   rc, _, err = sample("--checkpoint", model_dir, "--prompt", "a", "--duration", "0.5",
                       "--save-tokens", str(tmp_path / "t.npy"))
-  assert rc == 2 and "is free: use fewer prompts" in one_error_line(err)
+  assert rc == 2 and "does not fit even for one prompt" in one_error_line(err)
   assert not os.path.exists(tmp_path / "t.npy")
+
+
+def test_free_memory_on_cpu_is_the_hosts():
+  """On CPUs the memory checks see the host's available memory, shared by the CPU devices: a batch
+  that would exhaust it is refused rather than killed by the system half way."""
+  with open("/proc/meminfo") as fh:
+    info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh}
+  free = pipeline.free_device_bytes()
+  assert 0 < free <= (info["MemTotal"] - pipeline.HOST_RESERVE[0]) // len(jax.local_devices())
+  model = MusicGen.random(get_config("tiny"), seed=3)
+  assert model.check_memory(2, 1.0)["total"] == model.decode_need(2, 1.0)["total"]
+  assert model.max_batch(1.0) == model.max_batch(1.0, free_bytes=free) > 1000
+
+
+def test_codec_decodes_in_row_groups_that_fit(codec_model, monkeypatch):
+  """A batch whose audio decode (XLA's memory analysis of the compiled codec) would not fit is
+  decoded a few rows at a time, padded to one shape, with the same audio; not even one row: one line."""
+  codes = np.random.default_rng(2).integers(0, 64, size=(5, 4, 60)).astype(np.int32)
+  whole = codec_model.decode(codes)
+  assert codec_model.codec_rows(codes.shape, free_bytes=2**40) == 5
+  ma = codec_model._codec_program(codes.shape).memory_analysis()
+  per_row = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 5
+  monkeypatch.setattr(pipeline, "free_device_bytes", lambda: int(2.5 * per_row))
+  assert codec_model.codec_rows(codes.shape) == 2
+  np.testing.assert_allclose(codec_model.decode(codes), whole, rtol=0, atol=1e-6)
+  assert (2, 4, 60) in codec_model._codec_programs
+  monkeypatch.setattr(pipeline, "free_device_bytes", lambda: int(0.5 * per_row))
+  with pytest.raises(ValueError, match=r"decoding the audio of one prompt needs about .* is free"):
+    codec_model.decode(codes)
