@@ -59,7 +59,8 @@ def _config_flag_names() -> list[str]:
 
 class _PlainFormatter(logging.Formatter):
   def format(self, record: logging.LogRecord) -> str:
-    return f"{record.levelname.lower()}: {record.getMessage()}"
+    message = record.getMessage()
+    return message if message.startswith("note: ") else f"{record.levelname.lower()}: {message}"
 
 
 def plain_log_lines() -> None:

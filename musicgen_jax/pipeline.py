@@ -145,6 +145,14 @@ def codec_from_config(config: ml_collections.ConfigDict):
   return EncodecModel(EncodecConfig.from_hf_dict(enc.to_dict()))
 
 
+def _spec_axes(spec) -> set[str]:
+  """The mesh axes a PartitionSpec names."""
+  names = set()
+  for entry in spec:
+    names.update(entry if isinstance(entry, tuple) else () if entry is None else (entry,))
+  return names
+
+
 def _host_available_bytes() -> int | None:
   """The host's available memory (Linux MemAvailable: free memory plus what the kernel can reclaim),
   else the free pages; None when the system tells neither."""
@@ -622,42 +630,61 @@ class MusicGen:
     out = [self._decode_chunked(np.asarray(c), chunk_seconds, context_seconds) for c in streams]
     return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
 
+  def _codes_sharding(self):
+    """Codes [B, K, T] split by rows over the mesh's batch axes (None without a mesh)."""
+    if self.mesh is None:
+      return None
+    from musicgen_jax import sharding
+    return sharding.batch_sharding(self.mesh, self._rules or sharding.DEFAULT_RULES, 3)
+
+  @property
+  def _codec_row_shards(self) -> int:
+    """Devices over which the codec's rows are split (a row group is a multiple of it)."""
+    placed = self._codes_sharding()
+    return 1 if placed is None else int(np.prod([self.mesh.shape[a]
+                                                 for a in _spec_axes(placed.spec)]))
+
   def _codec_program(self, shape: tuple[int, ...]):
-    """The codec's decode compiled for codes of `shape` (kept per shape)."""
+    """The codec's decode compiled for codes of `shape` (kept per shape), their rows split over the
+    mesh's batch axes."""
     if shape not in self._codec_programs:
-      codes = jax.ShapeDtypeStruct(shape, jnp.int32)
+      codes = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._codes_sharding())
       self._codec_programs[shape] = self._codec_decode.lower(self.params["codec"], codes).compile()
     return self._codec_programs[shape]
 
   def codec_rows(self, shape: tuple[int, ...], free_bytes: int | None = None) -> int:
-    """How many rows of codes of `shape` [B, K, T] one codec call decodes: all of them when the
-    compiled decode's buffers (temporaries and output, from XLA's memory analysis) fit in the free
-    memory (free_device_bytes), else as many as fit; ValueError when not even one row does."""
+    """How many rows of codes of `shape` [B, K, T] (B a multiple of _codec_row_shards) one codec call
+    decodes: all of them when the compiled decode's buffers per device (temporaries and output, from
+    XLA's memory analysis) fit in the free memory (free_device_bytes), else as many as fit, a multiple
+    of the row shards; ValueError when not even one row per device does."""
     free_bytes = free_device_bytes() if free_bytes is None else free_bytes
     batch, frames = shape[0], shape[-1]
+    shards = self._codec_row_shards
     analysis = self._codec_program(tuple(shape)).memory_analysis()
     if free_bytes is None or analysis is None:
       return batch
-    need = int(analysis.temp_size_in_bytes) + int(analysis.output_size_in_bytes)
+    need = int(analysis.temp_size_in_bytes) + int(analysis.output_size_in_bytes)   # per device
     if need <= free_bytes:
       return batch
-    rows = int(free_bytes // -(-need // batch))
+    per_row = -(-need // (batch // shards))
+    rows = int(free_bytes // per_row) * shards
     if rows < 1:
-      raise ValueError(f"decoding the audio of one prompt needs about {need / batch / 2**30:.2f} GiB "
+      raise ValueError(f"decoding the audio of one prompt needs about {per_row / 2**30:.2f} GiB "
                        f"({frames / self.frame_rate:.1f}s at a time) but {free_bytes / 2**30:.2f} GiB "
                        "is free: free some memory, or sample a shorter --duration")
     return rows
 
   def _decode_chunked(self, codes_bkt: np.ndarray, chunk_seconds: float,
                       context_seconds: float) -> np.ndarray:
-    """Time chunks of `chunk_seconds` (with context), each in row groups that fit in memory (the last
-    group padded, so that one compiled shape serves all)."""
+    """Time chunks of `chunk_seconds` (with context), each in row groups that fit in memory, split
+    over the mesh's batch axes (the rows padded, so that one compiled shape serves all)."""
     rows = None
+    shards = self._codec_row_shards
 
     def decode(c):
       nonlocal rows
       c = np.asarray(c, np.int32)
-      rows = rows or self.codec_rows(c.shape)
+      rows = rows or self.codec_rows((-(-c.shape[0] // shards) * shards,) + c.shape[1:])
       program = self._codec_program((rows,) + c.shape[1:])
       place = program.input_shardings[0][1]
       out = []

@@ -434,6 +434,9 @@ def input_shardings(cfg: lm_lib.LMConfig, mesh: Mesh, rules, conds: lm_lib.Condi
           shd.batch_sharding(mesh, rules, 3))
 
 
+_PADDING_NOTED: set[tuple[int, int]] = set()   # (batch, data-parallel size) already noted
+
+
 def _pad_batch(x: jax.Array, rows: int) -> jax.Array:
   """x [B, ...] -> [B + rows, ...], repeating the last example (a real one, so nothing is degenerate)."""
   return jnp.concatenate([x, jnp.repeat(x[-1:], rows, axis=0)], axis=0)
@@ -477,8 +480,10 @@ def generate(params: Any, cfg: lm_lib.LMConfig, pattern, conds: lm_lib.Condition
     dp = shd.data_parallel_size(mesh, rules)
     if b % dp:
       extra = dp - b % dp
-      _LOG.warning("note: batch %d is padded to %d to split evenly over %d devices on the data axes; "
-                   "the extra rows are discarded", b, b + extra, dp)
+      if (b, dp) not in _PADDING_NOTED:   # once per shape, not at every window or batch
+        _PADDING_NOTED.add((b, dp))
+        _LOG.warning("note: batch %d is padded to %d to split evenly over %d devices on the data "
+                     "axes; the extra rows are discarded", b, b + extra, dp)
       conds = jax.tree.map(lambda x: _pad_batch(jnp.asarray(x), extra), conds)
       prompt = _pad_batch(prompt, extra)
     p_sh, c_sh, prompt_sh = input_shardings(cfg, mesh, rules, conds)

@@ -295,8 +295,13 @@ with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
 
 # The sampler across the 8 devices: batch 3 (padded to 4 for data x fsdp = 4) against one device, greedy
 # (temperature 0) and sampled; weights split over fsdp and tensor by the same rules.
+import logging
 from musicgen_jax import patterns, sampling
 pattern = patterns.get_pattern("delay", cfg.num_codebooks)
+notes = []
+handler = logging.Handler()
+handler.emit = lambda record: notes.append(record.getMessage())
+logging.getLogger(sampling.__name__).addHandler(handler)
 conds3 = jax.tree.map(lambda x: x[:3], conds)
 for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
   settings = sampling.SamplingSettings(top_k=4, temperature=temperature)
@@ -306,6 +311,7 @@ for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
   out[name + "_equal"] = bool((np.asarray(one) == np.asarray(many)).all())
   out[name + "_shape"] = list(np.asarray(many).shape)
   out["sampler_devices"] = len(many.sharding.device_set)
+out["padding_notes"] = sum("padded to 4" in n for n in notes)   # once, not at every call
 
 # Compare on the host, outside the mesh context.
 out["init_err"] = max(jax.tree.leaves(jax.tree.map(
@@ -336,7 +342,7 @@ def test_sharded_forward_and_sampler_match_single_device():
   assert res["fc1_shard_shape"] == [2, 16, 32], res
   assert res["logits_spec"] == str(PartitionSpec(("data", "fsdp"), None, None, "tensor")), res
   # The sampler on 8 devices (batch 3 padded to 4, weights split) gives one device's tokens.
-  assert res["greedy_equal"] and res["sampled_equal"], res
+  assert res["greedy_equal"] and res["sampled_equal"] and res["padding_notes"] == 1, res
   assert res["greedy_shape"] == res["sampled_shape"] == [3, 4, 5], res
   assert res["sampler_devices"] == 8, res
 

@@ -5,6 +5,7 @@ Each test names the row of the issue it covers.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -587,3 +588,39 @@ def test_codec_decodes_in_row_groups_that_fit(codec_model, monkeypatch):
   monkeypatch.setattr(pipeline, "free_device_bytes", lambda: int(0.5 * per_row))
   with pytest.raises(ValueError, match=r"decoding the audio of one prompt needs about .* is free"):
     codec_model.decode(codes)
+
+
+_MESH_CODEC_SCRIPT = r"""
+import json
+import jax, numpy as np
+from musicgen_jax import pipeline, sharding
+from tests.test_reliability import tiny_codec_model
+assert jax.device_count() == 8, jax.devices()
+one, many = tiny_codec_model(), tiny_codec_model()
+many.mesh = sharding.make_mesh((4, 1, 2))
+many.params = jax.device_put(many.params, sharding.replicated(many.mesh))   # as MusicGen.load places them
+codes = np.random.default_rng(2).integers(0, 64, size=(5, 4, 60)).astype(np.int32)
+ref = one.decode(codes)
+out = {"err": float(np.abs(many.decode(codes) - ref).max()), "programs": list(many._codec_programs)}
+program = many._codec_programs[(8, 4, 60)]
+out["spec"] = str(program.input_shardings[0][1].spec)
+ma = program.memory_analysis()
+pipeline.free_device_bytes = lambda: int(0.6 * (ma.temp_size_in_bytes + ma.output_size_in_bytes))
+out["rows"] = many.codec_rows((8, 4, 60))
+out["err_groups"] = float(np.abs(many.decode(codes) - ref).max())
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_codec_rows_split_over_the_mesh():
+  """On 8 fake CPU devices with a (data 4, fsdp 1, tensor 2) mesh, the codec's rows are split over the
+  4 batch shards (5 rows padded to 8) with one device's audio; short of memory, the row groups stay
+  a multiple of the shards (one row per device)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", _MESH_CODEC_SCRIPT], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+  assert res["spec"] == "P(('data', 'fsdp'), None, None)" and [8, 4, 60] in res["programs"], res
+  assert res["rows"] == 4 and res["err"] < 1e-6 and res["err_groups"] < 1e-6, res
