@@ -506,7 +506,7 @@ def sample_batches(model: MusicGen, req: SampleRequest, timings: Timings | None 
   its codes [b, K, T]) as each batch finishes. Ctrl-C in long-form after a batch's first window
   raises GenerationInterrupted with that batch's finished windows and `start`."""
   timings = timings or Timings(listen=False)
-  settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict(), **req.settings)
+  settings = model.sampling_settings(**req.settings)
   duration = req.duration if req.duration is not None else float(model.config.sampling.duration)
   if duration > req.max_duration:
     raise ValueError(f"the duration {duration:g}s (the model's default) is above --max-duration "

@@ -378,12 +378,14 @@ class MusicGen:
     return lm_lib.Conditions(text=hidden, text_mask=mask, melody=melody, beat=beat)
 
   def generate(self, texts: Sequence[str], duration: float,
-               settings: sampling.SamplingSettings = sampling.SamplingSettings(), seed: int = 0,
+               settings: sampling.SamplingSettings | None = None, seed: int = 0,
                prompt: np.ndarray | None = None, chroma: np.ndarray | None = None,
                progress: Callable[[int, int], None] | None = None, start_frame: int = 0
                ) -> np.ndarray:
     """-> codes int32 [B, K, T] for T = ceil(duration * frame_rate). `start_frame`: where the output
-    (its prompt included) starts in a longer piece (long-form windows; the beat clock's phase)."""
+    (its prompt included) starts in a longer piece (long-form windows; the beat clock's phase).
+    `settings`: default the model's (its config's `sampling` section)."""
+    settings = self.sampling_settings(settings)
     seed = check_seed(seed)
     frames = self.frames_for(duration)
     if prompt is not None and prompt.shape[-1] > frames:
@@ -438,10 +440,11 @@ class MusicGen:
     return nll_bt[:, :f].sum(axis=1) / max(int(tokens_t[:f].sum()), 1)
 
   def decode_need(self, batch: int, duration: float,
-                  settings: sampling.SamplingSettings = sampling.SamplingSettings()) -> dict[str, int]:
+                  settings: sampling.SamplingSettings | None = None) -> dict[str, int]:
     """Bytes per device that decoding `batch` prompts of `duration` seconds (one window at most)
     adds to the stored parameters: lm_decode.decode_bytes, the batch split over the mesh's data
     axes. Nothing is compiled."""
+    settings = self.sampling_settings(settings)
     c = self.lm_cfg
     frames = self.frames_for(min(duration, self.max_duration()))
     text_len = int(self.config.text.max_length)
@@ -450,6 +453,13 @@ class MusicGen:
     return lm_decode.decode_bytes(c, num_params, rows,
                                   self.prefix_length(text_len) + self.pattern.num_steps(frames),
                                   text_len)
+
+  def sampling_settings(self, settings: sampling.SamplingSettings | None = None,
+               **overrides) -> sampling.SamplingSettings:
+    """`settings`, else the model's (its config's `sampling` section) with `overrides` (e.g. top_k=50)."""
+    if settings is not None:
+      return settings
+    return sampling.SamplingSettings.from_config(self.config.sampling.to_dict(), **overrides)
 
   @staticmethod
   def _rows_per_prompt(settings: sampling.SamplingSettings) -> int:
@@ -462,7 +472,7 @@ class MusicGen:
     return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
 
   def max_batch(self, duration: float,
-                settings: sampling.SamplingSettings = sampling.SamplingSettings(),
+                settings: sampling.SamplingSettings | None = None,
                 free_bytes: int | None = None) -> int | None:
     """The most prompts (a multiple of the data shards) whose decoding fits in `free_bytes` per
     device (default: what is free now); 0 when not even one does; None when the memory is unknown."""
@@ -482,7 +492,7 @@ class MusicGen:
     return lo * shards
 
   def check_memory(self, batch: int, duration: float,
-                   settings: sampling.SamplingSettings = sampling.SamplingSettings(),
+                   settings: sampling.SamplingSettings | None = None,
                    free_bytes: int | None = None) -> dict[str, int] | None:
     """Refuses, before anything compiles, a batch whose decoding would not fit in memory: ValueError
     with the estimated need per device (decode_need) and the free memory (free_device_bytes: the
@@ -507,7 +517,7 @@ class MusicGen:
 
   # --- long-form ----------------------------------------------------------------------------------
   def generate_long(self, texts: Sequence[str], duration: float,
-                    settings: sampling.SamplingSettings = sampling.SamplingSettings(), seed: int = 0,
+                    settings: sampling.SamplingSettings | None = None, seed: int = 0,
                     prompt: np.ndarray | None = None, chroma: np.ndarray | None = None,
                     stride: float | None = None,
                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -522,6 +532,7 @@ class MusicGen:
     """
     if not (duration > 0 and math.isfinite(duration)):
       raise ValueError(f"duration must be a finite number of seconds > 0, got {duration}")
+    settings = self.sampling_settings(settings)
     seed = check_seed(seed)
     window = self.max_duration()
     total = _ceil_frames(duration, self.frame_rate)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musicgen_jax import checkpoint, cli, export
+from musicgen_jax import audio as audio_lib, checkpoint, cli, export
 from musicgen_jax.data import corpus
 from musicgen_jax.training import loop
 from tests.conftest import ProgramCount
@@ -329,3 +329,19 @@ def test_sampling_sees_the_text_prefix_as_training_padded_it():
   longest.text.prefix_padding = "both"
   with pytest.raises(ValueError, match="prefix_padding must be"):
     MusicGen(longest, model.params, model.text)
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+  """The README's "From Python" block, as written, with the shipped model: three WAVs of 8 s."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+    text = fh.read()
+  section = text[text.index("## From Python"):text.index("## Pretrained MusicGen")]
+  code = "\n".join(ln[4:] for ln in section.splitlines() if ln.startswith("    "))
+  assert "MusicGen.load" in code and "write_wav" in code
+  for name in ("models", "docs"):      # the paths as a user at the repository root has them
+    os.symlink(os.path.join(ROOT, name), tmp_path / name)
+  monkeypatch.chdir(tmp_path)
+  exec(compile(code, "README.md", "exec"), {})
+  for name in ("reel", "chorale", "tune"):
+    wav, sr = audio_lib.read_audio(str(tmp_path / f"{name}.wav"))
+    assert sr == 32000 and wav.shape[-1] == 8 * 32000 and np.abs(wav).max() > 0.01, name

@@ -624,3 +624,16 @@ def test_codec_rows_split_over_the_mesh():
   res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
   assert res["spec"] == "P(('data', 'fsdp'), None, None)" and [8, 4, 60] in res["programs"], res
   assert res["rows"] == 4 and res["err"] < 1e-6 and res["err_groups"] < 1e-6, res
+
+
+def test_library_calls_sample_with_the_models_settings():
+  """generate / generate_long without settings use the model's (its config's sampling section), and
+  sampling_settings(**changes) starts from them: a config that says greedy samples greedily."""
+  config = get_config("tiny")
+  config.sampling.top_k = 1
+  model = MusicGen.random(config, seed=3)
+  assert model.sampling_settings() == sampling.SamplingSettings(top_k=1)
+  assert model.sampling_settings(top_k=7, cfg_coef=1.0).top_k == 7
+  greedy = model.generate(["x"], 0.3, seed=0)
+  np.testing.assert_array_equal(model.generate_long(["x"], 0.3, seed=5), greedy)
+  assert not np.array_equal(model.generate(["x"], 0.3, sampling.SamplingSettings(), seed=5), greedy)

@@ -485,6 +485,11 @@ def test_freeze_typo_is_refused_before_the_data_is_prepared(tokenizer, monkeypat
   monkeypatch.setattr(LMTask, "prepare_data", prepare)
   with pytest.raises(ValueError, match=r"train.freeze pattern 'nope/x' matches no parameter"):
     loop.train(c, str(tmp_path / "run"), out=lambda _: None)
+  assert not (tmp_path / "run").exists()       # the refused start left no directory behind
+  (tmp_path / "mine").mkdir()                  # ... but never removes one it did not create
+  with pytest.raises(ValueError, match=r"matches no parameter"):
+    loop.train(c, str(tmp_path / "mine"), out=lambda _: None)
+  assert (tmp_path / "mine").is_dir()
   c.train.freeze = ("lm/embed_tokens", "text/token_embedding")   # real names (the text's too): data comes next
   with pytest.raises(AssertionError, match="prepare_data ran"):
     loop.train(c, str(tmp_path / "run"), out=lambda _: None)

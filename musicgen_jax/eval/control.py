@@ -369,9 +369,8 @@ def run(model, corpus_root: str, samples: int, duration: float, seed: int,
         log=print, settings=None) -> dict:
   """The measurements (module docstring); samples drawn with `settings` (a SamplingSettings;
   default: the model config's), recorded in the result."""
-  from musicgen_jax import sampling
   if settings is None:
-    settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict())
+    settings = model.sampling_settings()
   sr = model.sample_rate
   rng = np.random.default_rng(seed)
   t0 = time.time()
@@ -591,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     model = MusicGen.load(args.checkpoint or cli.shipped_model())
     if model.codec is None:
       raise ValueError("the model has no codec: nothing to listen to")
-    settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict(), **overrides)
+    settings = model.sampling_settings(**overrides)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

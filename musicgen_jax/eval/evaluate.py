@@ -147,9 +147,8 @@ def generate_clips(model, prompts: list[str], duration: float, seed: int, batch:
                    chroma: np.ndarray | None = None, settings=None) -> list[np.ndarray]:
   """Mono float32 clips of `duration` s, one per prompt ('' = unconditional), `batch` per call,
   sampled with `settings` (a SamplingSettings; default: the model config's)."""
-  from musicgen_jax import sampling
   if settings is None:
-    settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict())
+    settings = model.sampling_settings()
   clips = []
   for s in range(0, len(prompts), batch):
     part = list(prompts[s:s + batch])
@@ -164,8 +163,7 @@ def generate_clips(model, prompts: list[str], duration: float, seed: int, batch:
 
 def measure_speed(model, seconds: float, log: Log = print) -> dict:
   """Decode steps and warm wall time to generate `seconds` at batch 1 (long-form past the window)."""
-  from musicgen_jax import sampling
-  settings = sampling.SamplingSettings.from_config(model.config.sampling.to_dict())
+  settings = model.sampling_settings()
   windows, window, stride = model.long_form_plan(seconds)
   frames = model.frames_for(min(seconds, window))
   steps = model.pattern.num_steps(frames) * windows

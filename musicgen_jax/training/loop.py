@@ -207,12 +207,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task_factory: Callabl
   check_config(config)
   distributed.initialize(config.distributed)
   workdir = os.path.abspath(workdir)
+  created = not os.path.exists(workdir)
   lock = workdir_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
   try:
     return _Run(resolve_init_from(config), workdir, task_factory, out).run()
   finally:
     if lock is not None:
-      lock.release()
+      lock.release(remove_directory=created)   # a refused start leaves no directory of its own
 
 
 @dataclasses.dataclass

@@ -69,11 +69,18 @@ class WorkdirLock:
     self._fd = fd
     return self
 
-  def release(self) -> None:
-    if self._fd is not None:
-      fcntl.flock(self._fd, fcntl.LOCK_UN)
-      os.close(self._fd)
-      self._fd = None
+  def release(self, remove_directory: bool = False) -> None:
+    """Unlocks; with `remove_directory` (a directory the run created), a directory that holds
+    nothing but the lock file is removed too (a run refused at start-up)."""
+    if self._fd is None:
+      return
+    directory = os.path.dirname(self.path)
+    if remove_directory and os.listdir(directory) == [LOCK_FILE]:
+      os.remove(self.path)          # still held: no other run can have taken it
+      os.rmdir(directory)
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
 
   def __enter__(self) -> "WorkdirLock":
     return self.acquire()
