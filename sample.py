@@ -8,8 +8,9 @@
 
 Without --checkpoint the model that ships with the repo (models/demo) is used; with --config and no
 --checkpoint, a randomly initialised model of that config (smoke runs, tests).
-All prompts run in one compiled call (in batches when they do not fit in memory); compiled programs are kept in a per-user cache, so the next run
-with the same shapes starts at once. Bad input stops with one line before anything is loaded.
+All prompts run in one compiled call (in batches when they do not fit in memory, or with
+--batch-size); compiled programs are kept in a per-user cache, so the next run with the same shapes
+starts at once. Bad input stops with one line before anything is loaded.
 """
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def draw(rng: random.Random, models: dict, work: str, wavs: dict, i: int) -> Cas
   d = os.path.join(work, f"case{i}")
   os.makedirs(d)
   model = rng.choice(["plain", "plain", "codec", None])
-  n = rng.choice([1, 1, 2])
+  n = rng.choice([1, 1, 2, 3])
   prompts = rng.sample(PROMPTS, n)
   args = [a for p in prompts for a in ("--prompt", p)]
   if model:
@@ -116,6 +116,8 @@ def draw(rng: random.Random, models: dict, work: str, wavs: dict, i: int) -> Cas
                        ("--cfg-mode", ["batch", "two_pass"]), ("--stride", ["0.2", "0.3"])):
     if rng.random() < 0.4:
       args += [flag, rng.choice(values)]
+  if n > 1 and rng.random() < 0.4:        # in batches (the last one padded)
+    args += ["--batch-size", rng.choice(["1", "2"])]
   seed = rng.choice([0, 1, 2**32 - 1, rng.randrange(2**32)])
   args += ["--seed", str(seed)]
   tokens = os.path.join(d, "t.npy")
@@ -188,6 +190,8 @@ def mistake(rng: random.Random, args: list[str], models: dict, d: str, tokens: s
       ("duration nan", lambda: _set(args, "--duration", "nan")),
       ("duration inf", lambda: _set(args, "--duration", "inf")),
       ("duration 1e9", lambda: _set(args, "--duration", "1e9")),
+      ("batch-size 0", lambda: _set(args, "--batch-size", "0")),
+      ("batch-size -2", lambda: _set(args, "--batch-size", "-2")),
       ("stride -1", lambda: _set(args, "--stride", "-1")),
       ("stride inf", lambda: _set(args, "--stride", "inf")),
       ("out is a file", lambda: _set(args, "--out", a_file)),

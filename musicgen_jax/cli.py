@@ -548,11 +548,6 @@ def sample_batches(model: MusicGen, req: SampleRequest, timings: Timings | None 
     progress.close()
 
 
-def run_sample(model: MusicGen, req: SampleRequest, timings: Timings | None = None) -> np.ndarray:
-  """-> codes [B, K, T] for all prompts (sample_batches, joined)."""
-  return np.concatenate([codes for _, codes in sample_batches(model, req, timings)])
-
-
 def generate_and_write(model: MusicGen, req: SampleRequest, timings: Timings) -> str | None:
   """sample.py's work: generates batch by batch, writing each batch's files as it finishes (a line
   per file on stdout); the tokens (--save-tokens) of all prompts at the end. Ctrl-C keeps what is
