@@ -191,6 +191,32 @@ def test_stored_audio_is_librosa_resampled_and_mixed(env):
   np.testing.assert_array_equal(wav, np.stack([ref, ref]))
 
 
+def test_float_files_beyond_full_scale_are_rescaled_and_nan_ones_skipped(tmp_path, caplog):
+  """A float WAV never normalised (peak 40) is divided by its peak, not clipped into a square wave,
+  counted and named; one holding NaN or inf samples is skipped as undecodable and named."""
+  sr, t = 8000, np.arange(8000 * 2) / 8000
+  sine = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+  files = {"plain.wav": sine, "loud.wav": 80 * sine, "nan.wav": np.where(t < 1, sine, np.nan),
+           "inf.wav": np.where(t < 1, sine, np.inf)}
+  with open(tmp_path / "m.jsonl", "w") as f:
+    for name, x in files.items():
+      sf.write(str(tmp_path / name), x.astype(np.float32), sr, subtype="FLOAT")
+      f.write(json.dumps({"path": name, "description": name}) + "\n")
+  m = manifest.read_manifest(str(tmp_path / "m.jsonl"), valid_fraction=0.0)
+  with caplog.at_level(logging.WARNING):
+    counts = manifest.build_dataset(m, str(tmp_path / "data"), SR, 1, 0.5)
+  assert sorted(counts["skipped_files"]["undecodable"]) == ["inf.wav", "nan.wav"]
+  assert counts["rescaled"] == 1 and "rescaling loud.wav: its samples peak at 40" in caplog.text
+  items = {json.loads(x["metadata"])["source"]: manifest.from_int16(x["audio"])[0]
+           for split in ("train", "validation") if counts[split]
+           for x in _items(manifest.dataset_dir(str(tmp_path / "data"), counts), split)}
+  assert set(items) == {"plain.wav", "loud.wav"}
+  # The same waveform at full scale: a sine, not a clipped square (which would sit at +-1 throughout).
+  np.testing.assert_allclose(items["loud.wav"], items["plain.wav"] / np.abs(items["plain.wav"]).max(),
+                             atol=2e-3)
+  assert np.mean(np.abs(items["loud.wav"]) > 0.99) < 0.1
+
+
 # --- token cache ---------------------------------------------------------------------------------
 
 def test_codec_that_disagrees_with_the_config_is_refused(env):

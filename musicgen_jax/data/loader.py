@@ -109,7 +109,7 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
   """Builds or reuses the caches `make_iterator` reads; -> counts for the log.
 
   {'kind', 'train', 'validation' (items, i.e. cache windows), 'frames', 'skipped' {reason: n},
-   'cache' (the token cache directory)}. Every process calls it (multi-host: at the same time).
+   'rescaled' (files divided by their peak), 'cache' (the token cache directory)}. Every process calls it (multi-host: at the same time).
   """
   kind = config.data.kind
   if kind == "synthetic":
@@ -157,7 +157,8 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
     named = lambda: (manifest_lib.read_json(pointer) or {}).get("cache") == cache
     wait_for(lambda: True if named() else None, f"{pointer} naming {cache}")
   return {"kind": kind, **counts["windows"], "frames": counts["frames"],
-          "skipped": audio_counts.get("skipped", {}), "cache": cache}
+          "skipped": audio_counts.get("skipped", {}), "rescaled": audio_counts.get("rescaled", 0),
+          "cache": cache}
 
 
 # --- sources and per-example transforms ----------------------------------------------------------

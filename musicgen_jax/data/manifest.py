@@ -11,7 +11,10 @@ steady `bpm`, gives beat-clock models the beats' phase: conditioners/tempo.py). 
 and resampled with librosa (soundfile + soxr_hq) to the codec's sample rate and channel count
 (mixed down to mono by channel mean, or mono duplicated to stereo), and stored as **int16** [C, N]
 (half of float32, the precision of most source files; samples are scaled by 2^15 and clipped, as
-audio.write_wav does).
+audio.write_wav does). A file whose samples go beyond full scale (a float file that was never
+normalised, or a loud master's overshoot after resampling) is divided by its peak rather than clipped
+into a square wave; those files are counted ("rescaled"), and named in the log when the peak is above
+2 (beyond what resampling a full-scale file can give).
 
 Splits: "train" and "validation". With a `valid_manifest`, its files are the validation split;
 otherwise a file goes to validation when a hash of its manifest path falls below `valid_fraction`
@@ -20,7 +23,8 @@ taken, so a manifest of two or more usable files always has a validation split.
 
 Bad records never stop the build: a line that is not JSON ("bad_json"), lacks `path` or
 `description` ("missing_field"), names a missing file ("missing_file"), a file that cannot be
-decoded ("undecodable") or is shorter than `min_seconds` ("too_short") is skipped, logged with its
+decoded ("undecodable": also one with NaN or infinite samples) or is shorter than `min_seconds`
+("too_short") is skipped, logged with its
 name and counted; the counts are stored in `<root>/counts.json` (written last: its presence marks
 the dataset as complete) and returned. A manifest that is empty, or has no usable line, is one
 ValueError before anything is decoded.
@@ -52,6 +56,7 @@ _log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"          # bump when the stored layout changes: old caches are then not reused
 COUNTS_FILE = "counts.json"
+LOUD_PEAK = 2.0               # a rescaled file is named in the log above this peak
 SKIP_REASONS = ("bad_json", "missing_field", "missing_file", "undecodable", "too_short")
 OPTIONAL_FIELDS = ("duration", "bpm", "key", "genre", "moods", "instrument", "first_beat")
 SPLITS = ("train", "validation")
@@ -236,6 +241,7 @@ class ManifestAudio(tfds.core.GeneratorBasedBuilder):
     self._min_seconds = float(min_seconds)
     self.skipped = collections.Counter(manifest.skipped)
     self.skipped_names = {k: list(v) for k, v in manifest.skipped_names.items()}
+    self.rescaled = 0
     self.kept = self._probe()
     super().__init__(file_format="array_record", **kwargs)
 
@@ -279,6 +285,13 @@ class ManifestAudio(tfds.core.GeneratorBasedBuilder):
         _skip(self.skipped, self.skipped_names, "too_short", e.name,
               f"{wav_cn.shape[-1] / self._rate:.2f}s < data.min_seconds={self._min_seconds}")
         continue
+      peak = float(np.abs(wav_cn).max())
+      if peak > 1.0:                # beyond full scale: scaled down, not clipped into a square wave
+        wav_cn = wav_cn / np.float32(peak)
+        self.rescaled += 1
+        if peak > LOUD_PEAK:
+          _log.warning("rescaling %s: its samples peak at %.3g, beyond full scale (1.0): divided by "
+                       "the peak rather than clipped", e.name, peak)
       meta = dict(e.metadata, seconds=round(wav_cn.shape[-1] / self._rate, 3))
       yield i, {"audio": to_int16(wav_cn), "caption": e.caption, "metadata": json.dumps(meta)}
 
@@ -345,11 +358,12 @@ def build_dataset(manifest: Manifest, root: str, sample_rate: int, channels: int
   counts = {"directory": os.path.relpath(builder.data_dir, root),
             **{s: (splits[s].num_examples if s in splits else 0) for s in SPLITS},
             "skipped": {r: builder.skipped.get(r, 0) for r in SKIP_REASONS},
-            "skipped_files": builder.skipped_names}
+            "skipped_files": builder.skipped_names, "rescaled": builder.rescaled}
   if counts["train"] == 0:
     raise ValueError(f"no audio file of the manifest could be decoded ({counts['skipped']})")
   write_json(os.path.join(root, COUNTS_FILE), counts)
   total = sum(counts["skipped"].values())
-  _log.info("audio dataset %s: %d train, %d validation items; %d skipped %s", builder.data_dir,
-            counts["train"], counts["validation"], total, counts["skipped"])
+  _log.info("audio dataset %s: %d train, %d validation items; %d skipped %s; %d rescaled",
+            builder.data_dir, counts["train"], counts["validation"], total, counts["skipped"],
+            counts["rescaled"])
   return counts
