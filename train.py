@@ -30,6 +30,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
   config = _CONFIG.value
+  cli.plain_log_lines()
   with cli.friendly_errors("train.py"):
     if not (FLAGS.workdir or "").strip():
       raise ValueError("--workdir is required: the directory for this run's checkpoints, metrics "

@@ -355,3 +355,16 @@ def test_fine_tune_a_converted_model_on_audio_files(converted, tmp_path):
   audio = tuned.decode(codes)
   assert audio.shape[0] == 1 and audio.shape[-1] >= 0.2 * 1600 and np.isfinite(audio).all()
   assert checkpoint.read_config(workdir).init_from == out_dir
+  # More songs in the manifest, then a resume: it goes on with the new data, and says so.
+  sf.write(tmp_path / "4.wav", (0.3 * np.sin(2 * np.pi * 550 * t)).astype(np.float32), 1600)
+  (tmp_path / "songs.jsonl").write_text("\n".join(lines + [json.dumps(
+      {"path": "4.wav", "description": TEXTS[0]})]))
+  c.train.num_steps = 3
+  out = []
+  loop.train(c, workdir, out=out.append)
+  assert any(line.startswith("resumed from step 2") for line in out), out
+  assert [line for line in out if "the training data changed since step 2" in line], out
+  out.clear()
+  c.train.num_steps = 4                                   # the same data again: no note
+  loop.train(c, workdir, out=out.append)
+  assert not [line for line in out if "data changed" in line], out

@@ -109,7 +109,8 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
   """Builds or reuses the caches `make_iterator` reads; -> counts for the log.
 
   {'kind', 'train', 'validation' (items, i.e. cache windows), 'frames', 'skipped' {reason: n},
-   'rescaled' (files divided by their peak), 'cache' (the token cache directory)}. Every process calls it (multi-host: at the same time).
+   'rescaled' (files divided by their peak), 'cache' (the token cache directory), and
+   'previous_cache' when this work directory last read another one (the data changed)}. Every process calls it (multi-host: at the same time).
   """
   kind = config.data.kind
   if kind == "synthetic":
@@ -151,14 +152,16 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
     else:
       counts = wait_for(lambda: token_cache.read_counts(cache), f"{cache}/counts.json")
   pointer = _pointer(config, workdir)
+  before = (manifest_lib.read_json(pointer) or {}).get("cache")
   if primary:
     manifest_lib.write_json(pointer, {"cache": cache})
   else:   # an older run's pointer may still be there: wait for this one's
     named = lambda: (manifest_lib.read_json(pointer) or {}).get("cache") == cache
     wait_for(lambda: True if named() else None, f"{pointer} naming {cache}")
+  changed = {"previous_cache": before} if primary and before and before != cache else {}
   return {"kind": kind, **counts["windows"], "frames": counts["frames"],
           "skipped": audio_counts.get("skipped", {}), "rescaled": audio_counts.get("rescaled", 0),
-          "cache": cache}
+          "cache": cache, **changed}
 
 
 # --- sources and per-example transforms ----------------------------------------------------------

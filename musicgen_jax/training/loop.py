@@ -268,6 +268,11 @@ class _Run:
       if restored is not None:
         state, start = restored
         self.out(f"resumed from step {start} ({os.path.join(store.root, str(start))})")
+        if primary and summary and summary.get("previous_cache"):
+          self.out(f"note: the training data changed since step {start} was saved (the token cache "
+                   f"was {summary['previous_cache']}, now {summary['cache']}): the run goes on "
+                   "with the new data, from the saved position of its order, so it does not "
+                   "repeat the uninterrupted run")
       else:
         start = 0
         state = self._init_state(task, state_sh)
