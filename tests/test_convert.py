@@ -318,7 +318,7 @@ def test_convert_refuses_damaged_weights(converted, tmp_path, capsys, fill, expe
   assert not os.path.exists(tmp_path / "out")
 
 
-def test_fine_tune_a_converted_model_on_audio_files(converted, tmp_path):
+def test_fine_tune_a_converted_model_on_audio_files(converted, tmp_path, capfd):
   """The README's path: convert -> audio files + manifest -> fine-tune (token cache made with the
   model's own codec; the frozen T5 runs inside the step) -> a work directory that samples to audio."""
   import soundfile as sf
@@ -344,6 +344,8 @@ def test_fine_tune_a_converted_model_on_audio_files(converted, tmp_path):
   workdir = str(tmp_path / "run")
   metrics = loop.train(c, workdir, out=lambda _: None)
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_loss"])
+  err = capfd.readouterr().err          # train.progress=False: no bars while the data is built
+  assert "encoding audio to tokens" not in err and "examples/s" not in err, err[-2000:]
   tuned = MusicGen.load(workdir)
   assert tuned.config.text.kind == "t5" and tuned.codec is not None
   same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),

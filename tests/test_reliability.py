@@ -561,16 +561,20 @@ def test_batch_that_does_not_fit_is_one_line_before_compiling(sample, model_dir,
   assert not os.path.exists(tmp_path / "t.npy")
 
 
-def test_free_memory_on_cpu_is_the_hosts():
-  """On CPUs the memory checks see the host's available memory, shared by the CPU devices: a batch
-  that would exhaust it is refused rather than killed by the system half way."""
+def test_free_memory_on_cpu_is_the_hosts(monkeypatch):
+  """On CPUs the memory checks see the host's available memory less a reserve, shared by the CPU
+  devices: a batch that would exhaust it is refused rather than killed by the system half way."""
   with open("/proc/meminfo") as fh:
     info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh}
-  free = pipeline.free_device_bytes()
-  assert 0 < free <= (info["MemTotal"] - pipeline.HOST_RESERVE[0]) // len(jax.local_devices())
+  assert 0 < pipeline._host_available_bytes() <= info["MemTotal"]
+  n = len(jax.local_devices())
+  assert 0 < pipeline.free_device_bytes() <= (info["MemTotal"] - pipeline.HOST_RESERVE[0]) // n
   model = MusicGen.random(get_config("tiny"), seed=3)
   assert model.check_memory(2, 1.0)["total"] == model.decode_need(2, 1.0)["total"]
-  assert model.max_batch(1.0) == model.max_batch(1.0, free_bytes=free) > 1000
+  for host, reserve in ((8 * 2**30, 2**31), (64 * 2**30, int(6.4 * 2**30))):   # 2 GiB or 10%
+    monkeypatch.setattr(pipeline, "_host_available_bytes", lambda: host)
+    assert pipeline.free_device_bytes() == (host - reserve) // n
+    assert model.max_batch(1.0) == model.max_batch(1.0, free_bytes=(host - reserve) // n) > 1000
 
 
 def test_codec_decodes_in_row_groups_that_fit(codec_model, monkeypatch):

@@ -144,6 +144,7 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
                       f"{cache}/plan.json")
     token_cache.build_shards(cache, plan, codec, params, spec,
                              batch_size=int(config.data.encode_batch_size),
+                             progress=bool(config.train.get("progress", True)),
                              process_index=process_index, process_count=process_count)
     if primary:
       wait_for(lambda: None if token_cache.missing_shards(cache, plan) else True,

@@ -251,8 +251,9 @@ def _done_path(cache_dir: str, shard: dict) -> str:
 def build_shards(cache_dir: str, plan: dict, codec, params, spec: CacheSpec, *, batch_size: int,
                  process_index: int = 0, process_count: int = 1,
                  after_shard: Callable[[dict], None] | None = None,
-                 encoder: Encoder | None = None) -> list[dict]:
-  """Encodes this process's shards that are not done yet; -> the shards built now."""
+                 encoder: Encoder | None = None, progress: bool = True) -> list[dict]:
+  """Encodes this process's shards that are not done yet (a tqdm bar unless not `progress`);
+  -> the shards built now."""
   from array_record.python import array_record_module
   mine = [s for i, s in enumerate(plan["shards"]) if i % process_count == process_index]
   todo = [s for s in mine if not os.path.isfile(_done_path(cache_dir, s))]
@@ -264,7 +265,8 @@ def build_shards(cache_dir: str, plan: dict, codec, params, spec: CacheSpec, *, 
   serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
   from tqdm import tqdm
   bar = tqdm(todo, desc=f"encoding audio to tokens (process {process_index})" if process_count > 1
-             else "encoding audio to tokens", unit="shard", dynamic_ncols=True)
+             else "encoding audio to tokens", unit="shard", dynamic_ncols=True,
+             disable=not progress)
   for shard in bar:
     source = audio.as_data_source(shard["split"])
     examples = _encode_items(source, range(shard["start"], shard["end"]), spec, encoder)

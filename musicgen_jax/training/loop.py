@@ -253,6 +253,9 @@ class _Run:
     optim.check_freeze(tuple(t.get("freeze") or ()), task.abstract_params())
     # --- input pipeline ---
     pc = jax.process_count()
+    if not t.progress:   # train.progress=False (logs to files): no bars while the data is built
+      import tensorflow_datasets as tfds
+      tfds.disable_progress_bar()
     summary = task.prepare_data(self.workdir)
     if primary and summary:
       self.out(f"data: {summary}")
