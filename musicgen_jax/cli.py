@@ -559,9 +559,10 @@ def generate_and_write(model: MusicGen, req: SampleRequest, timings: Timings) ->
   try:
     for start, codes in sample_batches(model, req, timings):
       several = codes.shape[0] < len(req.prompts)
-      for line in write_outputs(model, req, codes, timings, start=start, tokens=not several):
-        print(line)
       done.append(codes)
+      for line in write_outputs(model, req, codes, timings, start=start, tokens=not several,
+                                finished=np.concatenate(done) if several else None):
+        print(line)
   except pipeline.GenerationInterrupted as e:
     several = e.codes.shape[0] < len(req.prompts)
     if not several:                        # one batch: its finished windows, tokens too
@@ -593,12 +594,14 @@ def save_tokens(path: str, codes: np.ndarray, timings: Timings | None = None) ->
 
 
 def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
-                  timings: Timings | None = None, start: int = 0, tokens: bool = True) -> list[str]:
+                  timings: Timings | None = None, start: int = 0, tokens: bool = True,
+                  finished: np.ndarray | None = None) -> list[str]:
   """Writes the files of prompts start.. start + len(codes): their WAVs (/ PNGs) and, with `tokens`,
   --save-tokens; returns one line per file written.
 
   If anything fails after generation, the tokens are saved to a fallback file first and the error
-  (one line) says where, so a finished generation is never lost.
+  (one line) says where, so a finished generation is never lost: `finished` (default `codes`), i.e.
+  in batches the tokens of every prompt generated so far, this batch's included.
   """
   from musicgen_jax import audio as audio_lib
   timings = timings or Timings(listen=False)
@@ -627,11 +630,12 @@ def write_outputs(model: MusicGen, req: SampleRequest, codes: np.ndarray,
             lines.append(f"spectrogram -> {stem}.png")
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- rescue the tokens, then report
     near = os.path.dirname(os.path.abspath(req.save_tokens or os.path.join(req.out or ".", "x")))
-    rescue = _rescue_tokens(codes, [near, os.getcwd(), tempfile.gettempdir()])
+    finished = codes if finished is None else finished
+    rescue = _rescue_tokens(finished, [near, os.getcwd(), tempfile.gettempdir()])
     for line in lines:
       print(line)
     what = " ".join(str(e).split()) or type(e).__name__
-    raise OSError(f"writing the outputs failed ({what}); the generated tokens {codes.shape} were "
+    raise OSError(f"writing the outputs failed ({what}); the generated tokens {finished.shape} were "
                   f"saved to {rescue}" if rescue else f"writing the outputs failed ({what}) and the "
                   "tokens could not be saved anywhere") from None
   return lines

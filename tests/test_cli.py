@@ -239,6 +239,25 @@ def test_ctrl_c_between_batches_keeps_the_batches_done(sample, tmp_path, monkeyp
   assert sorted(os.listdir(tmp_path / "o")) == ["000_a_folk_song.npy", "001_a_bach_chorale.npy"]
 
 
+def test_failed_write_in_a_later_batch_keeps_every_prompts_tokens(sample, tmp_path, monkeypatch):
+  """Writing fails in the second batch (a full disk): the fallback file holds the tokens of every
+  prompt generated so far, the first batch's too, as an uninterrupted run gives them."""
+  args = [*_prompt_args(), "--batch-size", "2"]
+  rc, _, err = sample(*args, "--save-tokens", str(tmp_path / "all.npy"))
+  assert rc == 0, err
+  real_save = np.save
+
+  def full_disk(path, arr, *a, **k):
+    if str(path).endswith("002_an_irish_reel.npy"):
+      raise OSError(28, "No space left on device")
+    return real_save(path, arr, *a, **k)
+  monkeypatch.setattr(np, "save", full_disk)
+  rc, _, err = sample(*args, "--out", str(tmp_path / "o"))
+  rescued = [n for n in os.listdir(tmp_path / "o") if n.startswith("musicgen-tokens-")]
+  assert rc == 2 and "No space left on device" in err and len(rescued) == 1, err
+  np.testing.assert_array_equal(np.load(tmp_path / "o" / rescued[0]), np.load(tmp_path / "all.npy"))
+
+
 def test_ctrl_c_in_long_form_writes_the_windows_finished(sample, tmp_path, monkeypatch):
   """Ctrl-C during a long-form generation writes what its finished windows hold (the same tokens
   as the start of an uninterrupted run) and exits 130; during the first window nothing is written."""
