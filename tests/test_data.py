@@ -434,6 +434,10 @@ def test_prepare_data_builds_once_and_feeds_the_iterator(env, monkeypatch, tmp_p
   c = env["config"]                       # its audio dataset exists already (the env fixture)
   summary = loader.prepare_data(c, str(tmp_path))
   assert summary["skipped"]["undecodable"] == 1 and summary["train"] > 0
+  # The codec task reads the same audio dataset and reports the same counts.
+  from musicgen_jax.data import audio_crops
+  crops = audio_crops.prepare_data(c, str(tmp_path))
+  assert crops["skipped"] == summary["skipped"] and crops["rescaled"] == summary["rescaled"] == 0
   assert summary["cache"].startswith(c.data.cache_dir)
   calls = []
   monkeypatch.setattr(token_cache, "build_shards", lambda *a, **k: calls.append(1))

@@ -108,7 +108,8 @@ def _audio_root(config, workdir: str, build: bool) -> str:
 
 def prepare_data(config, workdir: str, *, process_index: int = 0, process_count: int = 1,
                  timeout: float = 24 * 3600) -> dict:
-  """Builds or reuses the audio dataset; -> {'kind', 'train', 'validation' (items), ['skipped']}."""
+  """Builds or reuses the audio dataset; -> {'kind', 'train', 'validation' (items), ['skipped',
+  'rescaled']} (manifest_lib.build_dataset's counts)."""
   del process_count
   if config.data.kind == "synthetic":
     return {"kind": "synthetic", **_synthetic_sizes(config)}
@@ -121,7 +122,7 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
                          "process 0 fail?")
     time.sleep(1.0)
   return {"kind": config.data.kind, "train": counts["train"], "validation": counts["validation"],
-          "skipped": counts.get("skipped", {})}
+          "skipped": counts.get("skipped", {}), "rescaled": counts.get("rescaled", 0)}
 
 
 # --- transforms and the pipeline -----------------------------------------------------------------
