@@ -563,15 +563,13 @@ def generate_and_write(model: MusicGen, req: SampleRequest, timings: Timings) ->
       for line in write_outputs(model, req, codes, timings, start=start, tokens=not several,
                                 finished=np.concatenate(done) if several else None):
         print(line)
-  except pipeline.GenerationInterrupted as e:
+  except pipeline.GenerationInterrupted as e:   # the finished windows of the batch under way
     several = e.codes.shape[0] < len(req.prompts)
-    if not several:                        # one batch: its finished windows, tokens too
-      for line in write_outputs(model, req, e.codes, timings):
-        print(line)
+    for line in write_outputs(model, req, e.codes, timings, start=e.start, tokens=not several):
+      print(line)
+    if not several:                        # one batch: its tokens were written with it
       return (f"interrupted: wrote the first {e.codes.shape[-1] / model.frame_rate:.2f}s, the "
               "windows finished before Ctrl-C")
-    for line in write_outputs(model, req, e.codes, timings, start=e.start, tokens=False):
-      print(line)
     stopped = (f"interrupted: wrote {e.start} of {len(req.prompts)} prompts in full and the first "
                f"{e.codes.shape[-1] / model.frame_rate:.2f}s of prompts {e.start + 1}-"
                f"{e.start + e.codes.shape[0]}, the windows finished before Ctrl-C")

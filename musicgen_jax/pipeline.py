@@ -145,14 +145,6 @@ def codec_from_config(config: ml_collections.ConfigDict):
   return EncodecModel(EncodecConfig.from_hf_dict(enc.to_dict()))
 
 
-def _spec_axes(spec) -> set[str]:
-  """The mesh axes a PartitionSpec names."""
-  names = set()
-  for entry in spec:
-    names.update(entry if isinstance(entry, tuple) else () if entry is None else (entry,))
-  return names
-
-
 def _host_available_bytes() -> int | None:
   """The host's available memory (Linux MemAvailable: free memory plus what the kernel can reclaim),
   else the free pages; None when the system tells neither."""
@@ -455,7 +447,7 @@ class MusicGen:
                                   text_len)
 
   def sampling_settings(self, settings: sampling.SamplingSettings | None = None,
-               **overrides) -> sampling.SamplingSettings:
+                        **overrides) -> sampling.SamplingSettings:
     """`settings`, else the model's (its config's `sampling` section) with `overrides` (e.g. top_k=50)."""
     if settings is not None:
       return settings
@@ -467,9 +459,11 @@ class MusicGen:
 
   @property
   def _data_shards(self) -> int:
+    """How many ways the mesh splits the batch (of the LM's decode and of the codec) under the rules."""
     if self.mesh is None:
       return 1
-    return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
+    from musicgen_jax import sharding
+    return sharding.data_parallel_size(self.mesh, self._mesh_rules)
 
   def max_batch(self, duration: float,
                 settings: sampling.SamplingSettings | None = None,
@@ -626,6 +620,12 @@ class MusicGen:
     rules = self.config.get("logical_axis_rules")
     return None if rules is None else sharding.rules_from_config(rules)
 
+  @property
+  def _mesh_rules(self):
+    """The config's rules, else the library's (what the sampler falls back on too)."""
+    from musicgen_jax import sharding
+    return self._rules or sharding.rules_from_config(sharding.DEFAULT_RULES)
+
   def decode(self, codes: np.ndarray, chunk_seconds: float = 30.0,
              context_seconds: float = 2.0) -> np.ndarray | None:
     """Codes [B, K, T] -> audio float32 [B, C, N] through the codec, or None without one.
@@ -646,14 +646,7 @@ class MusicGen:
     if self.mesh is None:
       return None
     from musicgen_jax import sharding
-    return sharding.batch_sharding(self.mesh, self._rules or sharding.DEFAULT_RULES, 3)
-
-  @property
-  def _codec_row_shards(self) -> int:
-    """Devices over which the codec's rows are split (a row group is a multiple of it)."""
-    placed = self._codes_sharding()
-    return 1 if placed is None else int(np.prod([self.mesh.shape[a]
-                                                 for a in _spec_axes(placed.spec)]))
+    return sharding.batch_sharding(self.mesh, self._mesh_rules, 3)
 
   def _codec_program(self, shape: tuple[int, ...]):
     """The codec's decode compiled for codes of `shape` (kept per shape), their rows split over the
@@ -664,13 +657,13 @@ class MusicGen:
     return self._codec_programs[shape]
 
   def codec_rows(self, shape: tuple[int, ...], free_bytes: int | None = None) -> int:
-    """How many rows of codes of `shape` [B, K, T] (B a multiple of _codec_row_shards) one codec call
+    """How many rows of codes of `shape` [B, K, T] (B a multiple of _data_shards) one codec call
     decodes: all of them when the compiled decode's buffers per device (temporaries and output, from
     XLA's memory analysis) fit in the free memory (free_device_bytes), else as many as fit, a multiple
     of the row shards; ValueError when not even one row per device does."""
     free_bytes = free_device_bytes() if free_bytes is None else free_bytes
     batch, frames = shape[0], shape[-1]
-    shards = self._codec_row_shards
+    shards = self._data_shards
     analysis = self._codec_program(tuple(shape)).memory_analysis()
     if free_bytes is None or analysis is None:
       return batch
@@ -690,7 +683,7 @@ class MusicGen:
     """Time chunks of `chunk_seconds` (with context), each in row groups that fit in memory, split
     over the mesh's batch axes (the rows padded, so that one compiled shape serves all)."""
     rows = None
-    shards = self._codec_row_shards
+    shards = self._data_shards
 
     def decode(c):
       nonlocal rows

@@ -110,7 +110,8 @@ def prepare_data(config, workdir: str, *, process_index: int = 0, process_count:
 
   {'kind', 'train', 'validation' (items, i.e. cache windows), 'frames', 'skipped' {reason: n},
    'rescaled' (files divided by their peak), 'cache' (the token cache directory), and
-   'previous_cache' when this work directory last read another one (the data changed)}. Every process calls it (multi-host: at the same time).
+   'previous_cache' when this work directory last read another one (the data changed)}.
+  Every process calls it (multi-host: at the same time).
   """
   kind = config.data.kind
   if kind == "synthetic":
