@@ -167,8 +167,9 @@ HOST_RESERVE = (2 * 2**30, 0.1)   # bytes, share: what CPU runs keep back for co
 def free_device_bytes() -> int | None:
   """Free memory per local device: on GPUs / TPUs that of the fullest device (bytes_limit -
   bytes_in_use); on CPUs the host's available memory less HOST_RESERVE (the larger of 2 GiB and 10%:
-  XLA's compiler and the process's other arrays, which the estimates do not count; the small
-  MusicGen's CPU run peaked 2.6 GB above them), shared by the CPU devices; None when unknown."""
+  XLA's compiler and the process's other arrays, which the estimates do not count: the small
+  MusicGen's CPU decode grew the process by up to 2.0 GB more than them, docs/BENCHMARKS.md), shared
+  by the CPU devices; None when unknown."""
   devices = jax.local_devices()
   if all(d.platform == "cpu" for d in devices):
     host = _host_available_bytes()
